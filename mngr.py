@@ -1,0 +1,1898 @@
+#!/usr/bin/env python3
+"""mngr: run AI coding agents in tmux sessions on hosts, and stop idle hosts.
+
+This one file is the controller (``python3 -m mngr``, the ``mngr`` script) and
+also the copy-in script that runs inside every host as
+``python3 $MNGR_HOST_DIR/bin/mngr.py``.
+
+The copy-in contract:
+  * it imports nothing outside the standard library;
+  * sections 1-8 (model, pure core, signing checks, host-dir I/O, in-host
+    commands) run on Python 3.9 under ``python3 -I -S``; the controller needs
+    Python 3.10+;
+  * importing it has no side effects: no files, no logging, no plugin
+    discovery.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+# Imports ###################################################################
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Constants #################################################################
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+EXIT_UNREACHABLE = 75
+
+ENV_ROOT_NAME = "MNGR_ROOT_NAME"        # names ~/.<root>, ~/.config/<root>, the tmux socket
+ENV_PREFIX = "MNGR_PREFIX"              # tmux session prefix, default "mngr-"
+ENV_HOST_DIR = "MNGR_HOST_DIR"          # the host dir of the host we run on
+ENV_TMUX_SOCKET = "MNGR_TMUX_SOCKET"    # tmux -L name, default the root name
+ENV_REQUIRE_REAL = "MNGR_REQUIRE_REAL"
+ENV_COMMAND_PREFIX = "MNGR_COMMANDS_"
+
+DEFAULT_ROOT_NAME = "mngr"
+DEFAULT_PREFIX = "mngr-"
+DEFAULT_AGENT_TYPE = "claude"
+BUILTIN_AGENT_TYPES = {"claude": "claude", "codex": "codex"}
+
+SUBPROCESS_TIMEOUT = 30.0     # seconds, for every provider call unless told
+SIGNATURE_DOMAIN = b"mngr-signed-record-v1\n"
+
+# Errors ####################################################################
+
+
+class MngrError(Exception):
+    """The root of every error a person sees: one line and an exit code."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str, hint: str = "", detail: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.detail = detail
+
+    def line(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class UsageError(MngrError):
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(MngrError):
+    pass
+
+
+class NotFoundError(MngrError):
+    pass
+
+
+class ToolMissingError(MngrError):
+    pass
+
+
+class CommandFailedError(MngrError):
+    def __init__(self, message: str, hint: str = "", detail: str = "", returncode: int = 1):
+        super().__init__(message, hint, detail)
+        self.returncode = returncode
+
+
+class CommandTimedOutError(MngrError):
+    exit_code = EXIT_UNREACHABLE
+
+
+class UnreachableError(MngrError):
+    exit_code = EXIT_UNREACHABLE
+
+
+class PluginError(MngrError):
+    pass
+
+
+class InvalidTransitionError(MngrError):
+    pass
+
+
+class TamperedStateError(MngrError):
+    pass
+
+
+class RefusedError(MngrError):
+    pass
+
+
+class PartialFailure(MngrError):
+    exit_code = EXIT_PARTIAL
+
+
+# Model #####################################################################
+
+HOST_STATES = ("building", "starting", "running", "stopping", "stopped", "failed", "destroyed")
+AGENT_STATES = ("running", "done", "replaced", "stopped")
+WORK_MODES = ("in_place", "copy", "worktree")
+
+ACTIVITY_SOURCES = ("create", "boot", "start", "ssh", "process", "agent", "user")
+IDLE_MODES = {
+    "io": frozenset({"user", "agent", "ssh", "create", "start", "boot"}),
+    "user": frozenset({"user", "ssh", "create", "start", "boot"}),
+    "agent": frozenset({"agent", "ssh", "create", "start", "boot"}),
+    "ssh": frozenset({"ssh", "create", "start", "boot"}),
+    "create": frozenset({"create"}),
+    "boot": frozenset({"boot"}),
+    "start": frozenset({"start", "boot"}),
+    "run": frozenset({"create", "start", "boot", "process"}),
+    "disabled": frozenset(),
+}
+
+NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+ID_RE = re.compile(r"^[0-9a-f]{32}$")
+DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def validate_name(name: str, what: str = "agent name") -> str:
+    """Names are DNS labels: letters, digits and inner hyphens, 1-63 chars."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UsageError(
+            f"bad {what} {name!r}",
+            "use 1-63 letters, digits and hyphens, not starting or ending with a hyphen",
+        )
+    return name
+
+
+def new_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+def is_id(text: str) -> bool:
+    return bool(ID_RE.match(text or ""))
+
+
+def parse_duration(text) -> int:
+    """'90', '30s', '5m', '1h', '2d' -> seconds. Anything else is a usage error."""
+    if isinstance(text, bool):
+        raise UsageError(f"bad duration {text!r}", "use a number of seconds or 30s, 5m, 1h, 2d")
+    if isinstance(text, int) and text >= 0:
+        return text
+    match = DURATION_RE.match(text) if isinstance(text, str) else None
+    if not match:
+        raise UsageError(f"bad duration {text!r}", "use a number of seconds or 30s, 5m, 1h, 2d")
+    return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def format_duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@dataclass(frozen=True)
+class IdlePolicy:
+    """When a host counts as idle; signed into the host's data.json."""
+
+    idle_mode: str = "disabled"
+    idle_timeout: int = 3600
+    max_lifetime: int | None = None
+    trust: str = "trusted"
+    trust_reported: bool = False
+    activity_sources: tuple = ()
+
+    def sources(self) -> frozenset:
+        if self.idle_mode == "custom":
+            return frozenset(self.activity_sources)
+        return IDLE_MODES[self.idle_mode]
+
+    def to_dict(self) -> dict:
+        return {
+            "idle_mode": self.idle_mode,
+            "idle_timeout": self.idle_timeout,
+            "max_lifetime": self.max_lifetime,
+            "trust": self.trust,
+            "trust_reported": self.trust_reported,
+            "activity_sources": sorted(self.sources()),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "IdlePolicy":
+        mode = data.get("idle_mode", "disabled")
+        sources = tuple(sorted(data.get("activity_sources") or ()))
+        if mode not in IDLE_MODES and mode != "custom":
+            raise ValueError(f"unknown idle mode {mode!r}")
+        if any(s not in ACTIVITY_SOURCES for s in sources):
+            raise ValueError(f"unknown activity source in {sources!r}")
+        return cls(
+            idle_mode=mode,
+            idle_timeout=int(data.get("idle_timeout", 3600)),
+            max_lifetime=None if data.get("max_lifetime") is None else int(data["max_lifetime"]),
+            trust=str(data.get("trust", "trusted")),
+            trust_reported=bool(data.get("trust_reported", False)),
+            activity_sources=sources if mode == "custom" else (),
+        )
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    """A host's state and the moment it entered it (epoch seconds)."""
+
+    state: str
+    since: float
+
+
+# The host lifecycle of DESIGN section 4: every legal move, and no other.
+HOST_TRANSITIONS = {
+    "building": frozenset({"starting", "failed"}),
+    "starting": frozenset({"running", "failed", "stopped"}),
+    "running": frozenset({"stopping", "stopped", "destroyed"}),
+    "stopping": frozenset({"stopped"}),
+    "stopped": frozenset({"starting", "destroyed"}),
+    "failed": frozenset({"destroyed"}),
+    "destroyed": frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    """The signed record of one host (its data.json payload)."""
+
+    id: str
+    name: str
+    provider: str
+    lifecycle: Lifecycle
+    policy: IdlePolicy
+    agents: tuple = ()
+    created_at: float = 0.0
+    version: int = 1
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": "host",
+            "id": self.id,
+            "name": self.name,
+            "provider": self.provider,
+            "state": self.lifecycle.state,
+            "state_since": self.lifecycle.since,
+            "policy": self.policy.to_dict(),
+            "agents": list(self.agents),
+            "created_at": self.created_at,
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HostRecord":
+        if data.get("kind") != "host":
+            raise ValueError("not a host record")
+        state = data["state"]
+        if state not in HOST_STATES:
+            raise ValueError(f"unknown host state {state!r}")
+        return cls(
+            id=str(data["id"]),
+            name=str(data["name"]),
+            provider=str(data["provider"]),
+            lifecycle=Lifecycle(state, float(data["state_since"])),
+            policy=IdlePolicy.from_dict(data.get("policy") or {}),
+            agents=tuple(str(a) for a in data.get("agents", ())),
+            created_at=float(data.get("created_at", 0.0)),
+            version=int(data["version"]),
+        )
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    """The signed record of one agent (agents/<id>/data.json payload)."""
+
+    id: str
+    name: str
+    host_id: str
+    agent_type: str
+    command: str
+    session: str
+    work_dir: str
+    work_mode: str
+    branch: str = ""
+    source_dir: str = ""
+    start_on_boot: bool = False
+    created_at: float = 0.0
+    version: int = 1
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["kind"] = "agent"
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AgentRecord":
+        if data.get("kind") != "agent":
+            raise ValueError("not an agent record")
+        if data.get("work_mode") not in WORK_MODES:
+            raise ValueError(f"unknown work mode {data.get('work_mode')!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# Pure core #################################################################
+
+
+def transition(current: Lifecycle, new_state: str, now: float) -> Lifecycle:
+    """Apply one lifecycle move, refusing any that the table does not list."""
+    if new_state not in HOST_TRANSITIONS:
+        raise InvalidTransitionError(f"unknown host state {new_state!r}")
+    if new_state not in HOST_TRANSITIONS.get(current.state, ()):
+        allowed = ", ".join(sorted(HOST_TRANSITIONS.get(current.state, ()))) or "nothing"
+        raise InvalidTransitionError(
+            f"a host cannot go from {current.state} to {new_state}",
+            f"from {current.state} it can go to: {allowed}",
+        )
+    return Lifecycle(new_state, now)
+
+
+# Signing and host-dir I/O ##################################################
+
+
+def canonical_json(payload) -> bytes:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def signature_for(secret: bytes, payload: dict) -> str:
+    return hmac.new(secret, SIGNATURE_DOMAIN + canonical_json(payload), hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    id: str
+    secret: bytes
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """Every key verifies; the newest (last) signs. Keys never enter a host."""
+
+    keys: tuple
+
+    def signer(self) -> SigningKey:
+        return self.keys[-1]
+
+    def get(self, key_id: str):
+        for key in self.keys:
+            if key.id == key_id:
+                return key
+        return None
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The result of checking a signed file: ok, or why not."""
+
+    ok: bool
+    reason: str = ""
+    payload: dict | None = None
+
+
+def sign_payload(keyring: Keyring, payload: dict) -> dict:
+    key = keyring.signer()
+    return {"payload": payload, "key_id": key.id, "signature": signature_for(key.secret, payload)}
+
+
+def verify_document(document, keyring: Keyring, kind: str, record_id: str = "",
+                    min_version: int = 0) -> Verification:
+    """Check a parsed signed document; every failure says why."""
+    if document is None:
+        return Verification(False, "missing")
+    if not isinstance(document, dict) or not isinstance(document.get("payload"), dict):
+        return Verification(False, "malformed")
+    payload = document["payload"]
+    key = keyring.get(document.get("key_id"))
+    if key is None:
+        return Verification(False, "unknown key")
+    signature = document.get("signature")
+    if not isinstance(signature, str) or not hmac.compare_digest(
+            signature, signature_for(key.secret, payload)):
+        return Verification(False, "bad signature")
+    if payload.get("kind") != kind or (record_id and payload.get("id") != record_id):
+        return Verification(False, "wrong record")
+    version = payload.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        return Verification(False, "malformed")
+    if version < min_version:
+        return Verification(False, f"older version than seen ({version} < {min_version})")
+    return Verification(True, "", payload)
+
+
+def read_json(path: Path):
+    """The parsed file, None when it is missing; ValueError when it is not JSON."""
+    try:
+        with open(path, "rb") as handle:
+            return json.loads(handle.read())
+    except FileNotFoundError:
+        return None
+
+
+def verify_file(path: Path, keyring: Keyring, kind: str, record_id: str = "",
+                min_version: int = 0) -> Verification:
+    try:
+        document = read_json(path)
+    except (ValueError, OSError, UnicodeDecodeError):
+        return Verification(False, "malformed")
+    return verify_document(document, keyring, kind, record_id, min_version)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write a whole file or nothing: temp file in the same dir, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(path: Path, data, mode: int = 0o644) -> None:
+    atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), mode)
+
+
+def append_jsonl(path: Path, event: dict) -> None:
+    """Append one JSON object as one line (O_APPEND writes of a line are whole)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(event, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_env_file(path: Path) -> dict:
+    """KEY=VALUE lines; blank lines and # comments are skipped."""
+    env = {}
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return env
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            raise UsageError(f"bad line {number} in env file {path}: {raw!r}", "use KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        env[key] = value
+    return env
+
+
+def format_env_file(env: dict) -> bytes:
+    return "".join(f"{k}={v}\n" for k, v in sorted(env.items())).encode()
+
+
+class HostDir:
+    """The layout of DESIGN section 3 under one host dir."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    data = property(lambda self: self.root / "data.json")
+    env = property(lambda self: self.root / "env")
+    activity = property(lambda self: self.root / "activity")
+    agents = property(lambda self: self.root / "agents")
+    bin = property(lambda self: self.root / "bin")
+    deploy_lock = property(lambda self: self.root / "deploy_lock")
+    hooks = property(lambda self: self.root / "hooks")
+    events = property(lambda self: self.root / "events")
+    logs = property(lambda self: self.root / "logs")
+    work = property(lambda self: self.root / "work")
+    lock = property(lambda self: self.root / ".lock")
+
+    def agent_dir(self, agent_id: str) -> Path:
+        return self.agents / agent_id
+
+    def skeleton(self) -> None:
+        for sub in ("activity", "agents", "bin", "hooks/boot", "hooks/post_services",
+                    "hooks/stop", "events", "logs"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+
+def agent_skeleton(agent_dir: Path) -> None:
+    for sub in ("logs", "events", "hooks/start"):
+        (agent_dir / sub).mkdir(parents=True, exist_ok=True)
+
+
+class FileLock:
+    """An exclusive advisory lock on a file, held for a with-block."""
+
+    def __init__(self, path: Path, blocking: bool = True):
+        self.path = Path(path)
+        self.blocking = blocking
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+        self.fd = None
+
+
+# In-host commands ##########################################################
+
+
+def host_main(argv) -> int:
+    """Commands that run inside a host from the copied-in file."""
+    if argv and argv[0] == "host-info":
+        host_dir = HostDir(os.environ.get(ENV_HOST_DIR) or Path.home() / ".mngr")
+        try:
+            document = read_json(host_dir.data)
+        except ValueError:
+            document = "malformed"
+        print(json.dumps({"version": __version__, "python": sys.version.split()[0],
+                          "host_dir": str(host_dir.root), "data": document}))
+        return EXIT_OK
+    return EXIT_USAGE
+
+
+# Subprocess, settings, providers ###########################################
+
+_VERBOSITY = [0]
+
+
+def log(level: int, message: str) -> None:
+    """Logs go to stderr: level 0 normal, 1 verbose (-v), -1 only without -q."""
+    if _VERBOSITY[0] >= level:
+        print(f"mngr: {message}", file=sys.stderr)
+
+
+def warn(message: str) -> None:
+    if _VERBOSITY[0] >= -1:
+        print(f"mngr: warning: {message}", file=sys.stderr)
+
+
+def run(argv, *, timeout=SUBPROCESS_TIMEOUT, check=True, capture=True, input=None,
+        cwd=None, env=None, what=""):
+    """The one subprocess wrapper: argv list, timeout, typed errors.
+
+    ``timeout=None`` is only for interactive calls the user drives (attach,
+    exec). The child gets a new session so a timeout kills its whole group.
+    """
+    import signal
+    import subprocess
+
+    argv = [str(a) for a in argv]
+    log(1, "run: " + " ".join(_shell_quote(a) for a in argv))
+    label = what or argv[0]
+    try:
+        proc = subprocess.Popen(
+            argv, cwd=cwd, env=env,
+            stdin=subprocess.PIPE if input is not None else (None if not capture else subprocess.DEVNULL),
+            stdout=subprocess.PIPE if capture else None,
+            stderr=subprocess.PIPE if capture else None,
+            start_new_session=capture,
+        )
+    except FileNotFoundError:
+        raise ToolMissingError(f"{argv[0]} not found on PATH", _install_hint(argv[0])) from None
+    except NotADirectoryError:
+        raise CommandFailedError(f"cannot run {label}: {cwd} is not a directory") from None
+    try:
+        stdout, stderr = proc.communicate(
+            input=input.encode() if isinstance(input, str) else input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        if capture:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        else:
+            proc.kill()
+        proc.wait()
+        raise CommandTimedOutError(f"{label} timed out after {timeout:g}s",
+                                   "the host or tool may be hung; retry later") from None
+    except KeyboardInterrupt:
+        proc.kill()
+        proc.wait()
+        raise
+    result = subprocess.CompletedProcess(argv, proc.returncode,
+                                         (stdout or b"").decode(errors="replace"),
+                                         (stderr or b"").decode(errors="replace"))
+    if check and proc.returncode != 0:
+        tail = result.stderr.strip().splitlines()[-1:] or result.stdout.strip().splitlines()[-1:]
+        raise CommandFailedError(
+            f"{label} failed (exit {proc.returncode})" + (f": {tail[0]}" if tail else ""),
+            detail=result.stderr, returncode=proc.returncode)
+    return result
+
+
+def _install_hint(tool: str) -> str:
+    packages = {"tmux": "tmux", "git": "git", "docker": "docker.io", "ssh": "openssh-client"}
+    if tool in packages:
+        return f"install it, e.g. apt-get install {packages[tool]}"
+    return "install it or put it on PATH"
+
+
+def _shell_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def _load_toml(path: Path) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ConfigError("reading settings needs Python 3.11+ or the tomli package",
+                              "pip install tomli") from None
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"bad settings file {path}: {exc}", "fix the file or remove it") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read settings file {path}: {exc}") from None
+
+
+def root_name(env) -> str:
+    name = env.get(ENV_ROOT_NAME) or DEFAULT_ROOT_NAME
+    return validate_name(name, f"{ENV_ROOT_NAME} value")
+
+
+def user_dir(env) -> Path:
+    """The controller's own files: version cache, audit log, locks."""
+    return Path(env.get("HOME") or Path.home()) / f".{root_name(env)}"
+
+
+def config_dir(env) -> Path:
+    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
+    return Path(base) / root_name(env)
+
+
+def project_dir(cwd: Path):
+    """The nearest enclosing dir that has a .mngr/ dir, else the git top, else None."""
+    for parent in (cwd, *cwd.parents):
+        if (parent / ".mngr").is_dir():
+            return parent
+    for parent in (cwd, *cwd.parents):
+        if (parent / ".git").exists():
+            return parent
+    return None
+
+
+def settings_files(env, cwd: Path) -> list:
+    """Settings in increasing precedence, as (scope, path)."""
+    files = [("user", config_dir(env) / "settings.toml")]
+    project = project_dir(cwd)
+    if project is not None:
+        files.append(("project", project / ".mngr" / "settings.toml"))
+        files.append(("local", project / ".mngr" / "settings.local.toml"))
+    return files
+
+
+def merge_settings(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_settings(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(env, cwd: Path) -> dict:
+    settings = {}
+    for _scope, path in settings_files(env, cwd):
+        settings = merge_settings(settings, _load_toml(path))
+    return settings
+
+
+def load_keyring(env, create: bool = True) -> Keyring:
+    """The controller's keyring; made (0600) on first use."""
+    path = config_dir(env) / "keys.json"
+    try:
+        data = read_json(path)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"cannot read keyring {path}: {exc}", "restore it from a backup") from None
+    if data is None:
+        if not create:
+            raise ConfigError(f"no keyring at {path}", "run any mngr command to create one")
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with FileLock(path.with_name(".keys.lock")):
+            data = read_json(path)
+            if data is None:
+                data = {"keys": [_new_key_entry()]}
+                write_json(path, data, mode=0o600)
+    try:
+        keys = tuple(SigningKey(k["id"], bytes.fromhex(k["secret"]), float(k["created_at"]))
+                     for k in data["keys"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"keyring {path} is malformed", "restore it from a backup") from None
+    if not keys:
+        raise ConfigError(f"keyring {path} has no keys", "run: mngr keys rotate")
+    return Keyring(keys)
+
+
+def _new_key_entry() -> dict:
+    return {"id": os.urandom(4).hex(), "secret": os.urandom(32).hex(), "created_at": time.time()}
+
+
+class VersionCache:
+    """The highest signed version seen per record, kept on the controller.
+
+    A replayed older data.json is then 'tampered'. A record the cache has
+    never seen is accepted and remembered (trust on first sight), so losing
+    the cache can never turn a healthy host into a tampered one.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            data = read_json(path) or {}
+        except (ValueError, OSError):
+            data = {}
+        self.seen = {k: v for k, v in data.items() if isinstance(v, int)}
+        self.dirty = False
+
+    def minimum(self, record_id: str) -> int:
+        return self.seen.get(record_id, 0)
+
+    def saw(self, record_id: str, version: int) -> None:
+        if version > self.seen.get(record_id, 0):
+            self.seen[record_id] = version
+            self.dirty = True
+
+    def forget(self, record_id: str) -> None:
+        if self.seen.pop(record_id, None) is not None:
+            self.dirty = True
+
+    def save(self) -> None:
+        if self.dirty:
+            with FileLock(self.path.with_name(".versions.lock")):
+                try:
+                    on_disk = read_json(self.path) or {}
+                except (ValueError, OSError):
+                    on_disk = {}
+                merged = dict(on_disk)
+                for key, value in self.seen.items():
+                    merged[key] = max(value, on_disk.get(key, 0))
+                write_json(self.path, merged, mode=0o600)
+            self.dirty = False
+
+
+class Store:
+    """Signed records on one host dir, checked against the version cache."""
+
+    def __init__(self, host_dir: HostDir, keyring: Keyring, versions: VersionCache):
+        self.host_dir = host_dir
+        self.keyring = keyring
+        self.versions = versions
+
+    def _read(self, path: Path, kind: str, record_id: str) -> Verification:
+        result = verify_file(path, self.keyring, kind, record_id)
+        if result.ok:
+            seen_id, version = result.payload["id"], result.payload["version"]
+            seen = self.versions.minimum(seen_id)
+            if version < seen:
+                return Verification(False, f"older version than seen ({version} < {seen})")
+            self.versions.saw(seen_id, version)
+        return result
+
+    def read_host(self):
+        """(HostRecord or None, Verification)."""
+        return self._parse(self._read(self.host_dir.data, "host", ""), HostRecord)
+
+    def read_agent(self, agent_id: str):
+        return self._parse(self._read(self.host_dir.agent_dir(agent_id) / "data.json",
+                                      "agent", agent_id), AgentRecord)
+
+    @staticmethod
+    def _parse(result: Verification, cls):
+        if not result.ok:
+            return None, result
+        try:
+            return cls.from_dict(result.payload), result
+        except (KeyError, TypeError, ValueError):
+            return None, Verification(False, "malformed")
+
+    def write(self, path: Path, record) -> None:
+        payload = record.to_dict()
+        document = sign_payload(self.keyring, payload)
+        write_json(path, document)
+        self.versions.saw(record.id, record.version)
+
+    def write_host(self, record: HostRecord) -> None:
+        self.write(self.host_dir.data, record)
+
+    def write_agent(self, record: AgentRecord) -> None:
+        self.write(self.host_dir.agent_dir(record.id) / "data.json", record)
+
+    def next_version(self, record_id: str, current: int) -> int:
+        return max(current, self.versions.minimum(record_id)) + 1
+
+
+# Tmux agents ###############################################################
+
+
+@dataclass(frozen=True)
+class PaneInfo:
+    session: str
+    pane_pid: int
+    dead: bool
+    dead_status: int | None
+    attached: bool
+
+
+@dataclass(frozen=True)
+class AgentView:
+    """An agent as seen now: its record plus its observed (reported) state."""
+
+    record: AgentRecord
+    host: "HostView"
+    state: str
+    verification: Verification
+    exit_status: int | None = None
+    attached: bool = False
+
+
+@dataclass
+class HostView:
+    """A host as collected from its provider, with its agents."""
+
+    provider: object
+    record: HostRecord | None
+    verification: Verification
+    agents: list = field(default_factory=list)
+    reachable: bool = True
+    error: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.record.name if self.record else "?"
+
+
+class Tmux:
+    """tmux on one host, on mngr's own socket so users' tmux never collides."""
+
+    LIST_FORMAT = "\t".join(["#{session_name}", "#{window_index}", "#{pane_index}",
+                             "#{pane_pid}", "#{pane_dead}", "#{pane_dead_status}",
+                             "#{session_attached}"])
+
+    def __init__(self, socket: str, runner=None):
+        self.socket = socket
+        self.runner = runner or run
+
+    def call(self, *args, **kwargs):
+        return self.runner(["tmux", "-L", self.socket, *args], what=f"tmux {args[0]}", **kwargs)
+
+    def panes(self) -> dict:
+        """Pane 0 of window 0 of every session, in one call: {session: PaneInfo}."""
+        result = self.call("list-panes", "-a", "-F", self.LIST_FORMAT, check=False)
+        if result.returncode != 0:
+            if "no server running" in result.stderr or "error connecting" in result.stderr:
+                return {}
+            raise CommandFailedError(f"tmux list-panes failed: {result.stderr.strip()}",
+                                     detail=result.stderr)
+        panes = {}
+        for line in result.stdout.splitlines():
+            parts = line.split("\t")
+            if len(parts) != 7:
+                continue
+            session, window, pane, pid, dead, status, attached = parts
+            if session in panes and panes[session] is not None:
+                continue
+            if window != "0" or pane != "0":
+                panes.setdefault(session, None)
+                continue
+            panes[session] = PaneInfo(session, int(pid or 0), dead == "1",
+                                      int(status) if status.isdigit() else None,
+                                      attached not in ("", "0"))
+        return panes
+
+    def start(self, session: str, command: str, work_dir: str, env: dict, log_path: Path) -> int:
+        args = ["set-option", "-g", "remain-on-exit", "on", ";",
+                "new-session", "-d", "-P", "-F", "#{pane_pid}", "-s", session,
+                "-x", "200", "-y", "50", "-c", work_dir]
+        for key, value in sorted(env.items()):
+            args += ["-e", f"{key}={value}"]
+        args += [command, ";", "pipe-pane", "-t", f"={session}:0.0",
+                 f"cat >> {_shell_quote(str(log_path))}"]
+        result = self.call(*args)
+        pid = result.stdout.strip().splitlines()[0] if result.stdout.strip() else "0"
+        return int(pid) if pid.isdigit() else 0
+
+    def kill(self, session: str) -> None:
+        result = self.call("kill-session", "-t", f"={session}", check=False)
+        if result.returncode != 0 and "can't find session" not in result.stderr \
+                and "no server running" not in result.stderr \
+                and "error connecting" not in result.stderr:
+            raise CommandFailedError(f"tmux kill-session failed: {result.stderr.strip()}")
+
+    def send(self, session: str, text: str) -> None:
+        target = f"={session}:0.0"
+        self.call("send-keys", "-t", target, "-l", text, ";", "send-keys", "-t", target, "Enter")
+
+    def capture(self, session: str, lines: int) -> str:
+        return self.call("capture-pane", "-p", "-J", "-t", f"={session}:0.0",
+                         "-S", str(-lines)).stdout
+
+    def attach_argv(self, session: str) -> list:
+        return ["tmux", "-L", self.socket, "attach-session", "-t", f"={session}"]
+
+
+def agent_state(record_pid: int, pane) -> str:
+    """running / done / replaced / stopped, from pane 0 of the agent's session."""
+    if pane is False:
+        return "stopped"
+    if pane is None:
+        return "replaced"
+    if pane.dead:
+        return "done"
+    if record_pid and pane.pane_pid != record_pid:
+        return "replaced"
+    return "running"
+
+
+def read_status(agent_dir: Path) -> dict:
+    try:
+        status = read_json(agent_dir / "status")
+    except (ValueError, OSError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+# Agent types, env and work dirs (controller side) ##########################
+
+
+def resolve_agent_command(settings: dict, type_name, agent_cmd, extra_args, which=None):
+    """(type name, shell command) for create; refuses before anything is made."""
+    import shlex
+    import shutil
+
+    which = which or shutil.which
+    tail = "".join(" " + shlex.quote(a) for a in extra_args)
+    if agent_cmd:
+        if type_name:
+            raise UsageError(f"both a type ({type_name}) and --agent-cmd given", "use one of them")
+        return "generic", agent_cmd + tail
+    type_name = type_name or DEFAULT_AGENT_TYPE
+    custom = settings.get("agent_types") or {}
+    if not isinstance(custom, dict):
+        raise ConfigError("settings: [agent_types] must be a table")
+    seen, name, command = [], type_name, None
+    while name in custom:
+        if name in seen:
+            raise ConfigError(f"settings: agent type {type_name!r} has a parent_type cycle: "
+                              + " -> ".join(seen + [name]))
+        seen.append(name)
+        conf = custom[name]
+        if not isinstance(conf, dict):
+            raise ConfigError(f"settings: [agent_types.{name}] must be a table")
+        if command is None and conf.get("command"):
+            command = str(conf["command"])
+        name = conf.get("parent_type")
+        if not name:
+            break
+    if command is None and name:
+        program = BUILTIN_AGENT_TYPES.get(name, name if not seen else None)
+        if program is None or not re.match(r"^[A-Za-z0-9_.+-]+$", program):
+            raise UsageError(f"unknown agent type {type_name!r}", _known_types_hint(custom))
+        if which(program) is None:
+            if name in BUILTIN_AGENT_TYPES:
+                raise ToolMissingError(f"{program} not found on PATH",
+                                       f"install it, or run another agent: --agent-cmd 'CMD'")
+            raise UsageError(f"unknown agent type {type_name!r}", _known_types_hint(custom))
+        command = shlex.quote(program)
+    if command is None:
+        raise ConfigError(f"settings: agent type {type_name!r} has no command and no parent_type")
+    return type_name, command + tail
+
+
+def _known_types_hint(custom) -> str:
+    names = sorted(set(BUILTIN_AGENT_TYPES) | set(custom))
+    return f"known types: {', '.join(names)}; or a program on PATH, or --agent-cmd 'CMD'"
+
+
+def agent_type_env(settings: dict, type_name: str) -> dict:
+    """The env of a custom type and its parents (the child's values win)."""
+    custom = settings.get("agent_types") or {}
+    chain, name = [], type_name
+    while name in custom and name not in chain:
+        chain.append(name)
+        name = custom[name].get("parent_type")
+    env = {}
+    for name in reversed(chain):
+        values = custom[name].get("env") or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"settings: [agent_types.{name}] env must be a table")
+        env.update({str(k): str(v) for k, v in values.items()})
+    return env
+
+
+def agent_env_from_args(args, env) -> dict:
+    """--env-file, then --env, then --pass-env; refuses bad entries."""
+    result = {}
+    for path in args.env_file:
+        if not Path(path).is_file():
+            raise UsageError(f"no env file {path}", "give a file of KEY=VALUE lines")
+        result.update(read_env_file(Path(path)))
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            raise UsageError(f"bad --env {item!r}", "use KEY=VALUE")
+        result[key] = value
+    for key in args.pass_env:
+        if key not in env:
+            raise UsageError(f"--pass-env {key}: {key} is not set in your environment")
+        result[key] = env[key]
+    return result
+
+
+def git(source, *args, **kwargs):
+    return run(["git", "-C", str(source), *args], what=f"git {args[0]}", **kwargs)
+
+
+def git_toplevel(path: Path):
+    result = git(path, "rev-parse", "--show-toplevel", check=False)
+    return Path(result.stdout.strip()) if result.returncode == 0 else None
+
+
+def git_is_dirty(path: Path) -> bool:
+    return bool(git(path, "status", "--porcelain").stdout.strip())
+
+
+# Providers and plugins #####################################################
+
+BUILTIN_PROVIDERS = {"local": "mngr_providers.local:LocalProvider"}
+
+
+def _ensure_builtin_providers_importable() -> None:
+    """Make mngr_providers importable from a checkout (providers/ beside this file)."""
+    import importlib.util
+
+    if "mngr_providers" in sys.modules or importlib.util.find_spec("mngr_providers"):
+        return
+    package_dir = Path(__file__).resolve().parent / "providers"
+    init = package_dir / "__init__.py"
+    if not init.exists():
+        raise PluginError("the built-in providers are not beside mngr.py",
+                          f"expected {package_dir}; reinstall mngr")
+    spec = importlib.util.spec_from_file_location(
+        "mngr_providers", init, submodule_search_locations=[str(package_dir)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mngr_providers"] = module
+    spec.loader.exec_module(module)
+
+
+def find_provider_backends() -> dict:
+    """Backend name -> EntryPoint: the built-ins, then installed ones."""
+    from importlib.metadata import EntryPoint, entry_points
+
+    found = {name: EntryPoint(name, value, "mngr.providers")
+             for name, value in sorted(BUILTIN_PROVIDERS.items())}
+    for entry in sorted(entry_points(group="mngr.providers"), key=lambda e: e.name):
+        other = found.get(entry.name)
+        if other is not None and other.value != entry.value:
+            dist = getattr(getattr(entry, "dist", None), "name", "?")
+            raise PluginError(f"two providers are named {entry.name!r}: {other.value} and "
+                              f"{entry.value} (from {dist})", "uninstall one of them")
+        found[entry.name] = entry
+    return found
+
+
+def load_backend(entry):
+    if entry.value.startswith("mngr_providers."):
+        _ensure_builtin_providers_importable()
+    try:
+        return entry.load()
+    except Exception as exc:  # a plugin's own bug: report it by name
+        raise PluginError(f"provider {entry.name!r} ({entry.value}) failed to load: {exc}") from exc
+
+
+# CLI #######################################################################
+
+
+class Context:
+    """What one command invocation knows: env, cwd, settings, keys, providers."""
+
+    def __init__(self, args, env=None, cwd=None, settings=None):
+        self.args = args
+        self.env = dict(os.environ if env is None else env)
+        self.cwd = Path(cwd or os.getcwd())
+        self.settings = settings if settings is not None else {}
+        self._keyring = None
+        self._versions = None
+        self._providers = None
+        self._backends = None
+
+    @property
+    def keyring(self) -> Keyring:
+        if self._keyring is None:
+            self._keyring = load_keyring(self.env)
+        return self._keyring
+
+    @property
+    def versions(self) -> VersionCache:
+        if self._versions is None:
+            self._versions = VersionCache(user_dir(self.env) / "versions.json")
+        return self._versions
+
+    def setting(self, key: str, default=None):
+        return self.settings.get(key, default)
+
+    @property
+    def prefix(self) -> str:
+        return self.env.get(ENV_PREFIX) or self.setting("prefix") or DEFAULT_PREFIX
+
+    @property
+    def tmux_socket(self) -> str:
+        return (self.env.get(ENV_TMUX_SOCKET) or self.setting("tmux_socket")
+                or root_name(self.env))
+
+    def providers(self) -> list:
+        """Every configured provider instance, local first, loaded on first use."""
+        if self._providers is None:
+            backends = find_provider_backends()
+            instances = {"local": {"backend": "local"}}
+            configured = self.setting("providers", {})
+            if not isinstance(configured, dict):
+                raise ConfigError("settings: [providers] must be a table")
+            for name, conf in sorted(configured.items()):
+                if not isinstance(conf, dict) or "backend" not in conf:
+                    raise ConfigError(f"settings: [providers.{name}] needs backend = \"...\"")
+                instances[name] = conf
+            self._providers = []
+            for name, conf in instances.items():
+                backend = conf["backend"]
+                if backend not in backends:
+                    raise ConfigError(f"settings: provider {name!r} uses unknown backend {backend!r}",
+                                      f"known backends: {', '.join(sorted(backends))}")
+                cls = load_backend(backends[backend])
+                self._providers.append(cls(name, conf, self))
+        return self._providers
+
+    def provider(self, name: str):
+        for provider in self.providers():
+            if provider.name == name:
+                return provider
+        raise NotFoundError(f"no provider named {name!r}",
+                            "known: " + ", ".join(p.name for p in self.providers()))
+
+    def collect(self) -> list:
+        """Every host with its agents, one call per provider."""
+        hosts = []
+        for provider in self.providers():
+            hosts.extend(provider.collect())
+        self.versions.save()
+        return hosts
+
+    def agents(self) -> list:
+        return [agent for host in self.collect() for agent in host.agents]
+
+    def resolve(self, names, all_agents=False, stdin=False) -> list:
+        """Names (or ids) to AgentViews; an unknown name fails before anything is done."""
+        names = list(names or [])
+        if stdin:
+            names += [line.strip() for line in sys.stdin if line.strip()]
+        if not names and not all_agents:
+            raise UsageError("no agent given", "name one or more agents, or use --all")
+        agents = self.agents()
+        if all_agents:
+            return agents
+        chosen, missing = [], []
+        for name in dict.fromkeys(names):
+            match = [a for a in agents if name in (a.record.name, a.record.id)]
+            if not match:
+                missing.append(name)
+            else:
+                chosen.extend(match)
+        if missing:
+            known = ", ".join(sorted(a.record.name for a in agents)) or "none"
+            raise NotFoundError(f"no agent named {', '.join(missing)}",
+                                f"known agents: {known}; see mngr list")
+        return chosen
+
+
+class _Parser:
+    """argparse, with errors that are one line and exit 2."""
+
+    @staticmethod
+    def make():
+        import argparse
+
+        class Parser(argparse.ArgumentParser):
+            def error(self, message):
+                raise UsageError(f"{self.prog}: {message}", f"see '{self.prog} --help'")
+
+        return argparse, Parser
+
+
+def _add_output_flags(parser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--json", action="store_const", const="json", dest="format",
+                       help="print JSON for scripts")
+    group.add_argument("--jsonl", action="store_const", const="jsonl", dest="format",
+                       help="print one JSON object per line")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="print less")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="print more, including the detail behind errors")
+
+
+def _add_targets(parser, what: str = "agents") -> None:
+    parser.add_argument("agents", nargs="*", metavar="AGENT", help=f"{what} (names or ids)")
+    parser.add_argument("-a", "--all", action="store_true", help="every agent")
+    parser.add_argument("--stdin", action="store_true", help="read agent names from stdin")
+
+
+def build_parser():
+    argparse, Parser = _Parser.make()
+    parser = Parser(prog="mngr", description="Run AI coding agents in tmux sessions on hosts, "
+                    "and stop idle hosts.")
+    parser.add_argument("--version", action="version", version=f"mngr {__version__}")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    def sub(name, help_text, aliases=()):
+        sp = subs.add_parser(name, aliases=list(aliases), help=help_text, description=help_text)
+        sp.set_defaults(command=name)
+        _add_output_flags(sp)
+        return sp
+
+    sp = sub("create", "create an agent and start it", ["c"])
+    sp.add_argument("name", nargs="?", help="agent name (default: generated)")
+    sp.add_argument("agent_type", nargs="?", metavar="TYPE",
+                    help="claude, codex, a custom type from settings, or a program on PATH")
+    sp.add_argument("--agent-cmd", metavar="CMD", help="run this shell command as the agent")
+    sp.add_argument("--in", dest="provider", default="local", metavar="PROVIDER",
+                    help="the provider instance that makes the host (default: local)")
+    mode = sp.add_mutually_exclusive_group()
+    mode.add_argument("--in-place", dest="work_mode", action="store_const", const="in_place",
+                      help="run in the source dir itself")
+    mode.add_argument("--copy", dest="work_mode", action="store_const", const="copy",
+                      help="run in a copy of the source dir")
+    mode.add_argument("--worktree", dest="work_mode", action="store_const", const="worktree",
+                      help="run in a new git worktree (default inside a git repo)")
+    sp.add_argument("--source", metavar="DIR", help="the source dir (default: the current dir)")
+    sp.add_argument("--target", metavar="DIR", help="where a copy or worktree goes")
+    sp.add_argument("--base-branch", metavar="REF", help="what the new branch starts from (default HEAD)")
+    sp.add_argument("--new-branch", metavar="NAME", help="the worktree's branch (default mngr/NAME)")
+    sp.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="set a variable for the agent (repeatable)")
+    sp.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                    help="read KEY=VALUE lines for the agent (repeatable)")
+    sp.add_argument("--pass-env", action="append", default=[], metavar="KEY",
+                    help="pass this variable from your environment (repeatable)")
+    connect = sp.add_mutually_exclusive_group()
+    connect.add_argument("--connect", dest="connect", action="store_true", default=None,
+                         help="attach after creating (default when stdin is a terminal)")
+    connect.add_argument("--no-connect", dest="connect", action="store_false",
+                         help="do not attach after creating")
+
+    sp = sub("list", "list agents and their hosts", ["ls"])
+    sp.add_argument("--running", action="store_true", help="only running agents")
+    sp.add_argument("--stopped", action="store_true", help="only stopped or finished agents")
+    sp.add_argument("--include", action="append", default=[], metavar="FIELD=GLOB",
+                    help="keep agents whose field matches (repeatable)")
+    sp.add_argument("--exclude", action="append", default=[], metavar="FIELD=GLOB",
+                    help="drop agents whose field matches (repeatable)")
+
+    sp = sub("connect", "attach to an agent's tmux session")
+    sp.add_argument("agent", metavar="AGENT")
+    sp.add_argument("--no-start", action="store_true", help="fail instead of starting a stopped agent")
+
+    sp = sub("message", "send a message to agents", ["msg"])
+    _add_targets(sp)
+    sp.add_argument("-m", "--message", metavar="TEXT", help="the message (default: read stdin)")
+
+    sp = sub("exec", "run a shell command in an agent's work dir on its host")
+    sp.add_argument("agent", metavar="AGENT")
+    sp.add_argument("shell_command", nargs="*", metavar="CMD", help="the command (after --)")
+    sp.add_argument("--timeout", type=parse_duration, metavar="DURATION", help="give up after this long")
+
+    sp = sub("logs", "print an agent's recent output")
+    sp.add_argument("agent", metavar="AGENT")
+    sp.add_argument("-n", "--lines", type=int, default=100, metavar="N", help="lines of history")
+
+    sp = sub("stop", "stop agents (their work dirs are kept)")
+    _add_targets(sp)
+
+    sp = sub("start", "start stopped agents again, with the same command and env")
+    _add_targets(sp)
+
+    sp = sub("destroy", "destroy agents", ["rm"])
+    _add_targets(sp)
+    sp.add_argument("-f", "--force", action="store_true",
+                    help="do not ask, and destroy running agents too")
+    sp.add_argument("--remove-branch", action="store_true",
+                    help="also remove the agent's worktree and branch, or its copy")
+    sp.add_argument("--discard-changes", action="store_true",
+                    help="with --remove-branch: remove even with uncommitted changes")
+
+    sp = sub("config", "read and change settings")
+    cfg = sp.add_subparsers(dest="config_command", metavar="ACTION", parser_class=Parser)
+    cfg.required = True
+    for name, help_text in (("get", "print one setting"), ("set", "change one setting"),
+                            ("list", "print every setting"), ("path", "print the settings files")):
+        csp = cfg.add_parser(name, help=help_text, description=help_text)
+        _add_output_flags(csp)
+        if name in ("get", "set"):
+            csp.add_argument("key", metavar="KEY", help="dotted key, e.g. commands.create.agent_type")
+        if name == "set":
+            csp.add_argument("value", metavar="VALUE", help="a TOML value; bare words are strings")
+        if name in ("set", "path"):
+            csp.add_argument("--scope", choices=("user", "project", "local"),
+                             default="user" if name == "set" else None,
+                             help="which settings file (default: user)")
+
+    sp = sub("keys", "the signing keys")
+    keys = sp.add_subparsers(dest="keys_command", metavar="ACTION", parser_class=Parser)
+    keys.required = True
+    for name, help_text in (("list", "list the signing keys (never their secrets)"),
+                            ("rotate", "make a new signing key and re-sign local records")):
+        ksp = keys.add_parser(name, help=help_text, description=help_text)
+        _add_output_flags(ksp)
+        if name == "rotate":
+            ksp.add_argument("--retire-old", action="store_true",
+                             help="drop the older keys once everything is re-signed")
+    return parser
+
+
+COMMANDS = {}
+
+
+def command(name):
+    def register(func):
+        COMMANDS[name] = func
+        return func
+    return register
+
+
+def _split_after_dashes(argv):
+    if "--" in argv:
+        index = argv.index("--")
+        return argv[:index], argv[index + 1:]
+    return argv, []
+
+
+def apply_command_settings(parser, command_name: str, settings: dict, env) -> None:
+    """Settings and MNGR_COMMANDS_<CMD>_<PARAM> become the subcommand's defaults."""
+    subparser = _subparser(parser, command_name)
+    if subparser is None:
+        return
+    actions = {a.dest: a for a in subparser._actions if a.dest not in ("help", "command")}
+    values = []
+    table = (settings.get("commands") or {}).get(command_name) or {}
+    if not isinstance(table, dict):
+        raise ConfigError(f"settings: [commands.{command_name}] must be a table")
+    values += [(f"settings [commands.{command_name}]", k, v) for k, v in table.items()]
+    env_prefix = f"{ENV_COMMAND_PREFIX}{command_name.upper()}_"
+    values += [(f"${k}", k[len(env_prefix):].lower(), v)
+               for k, v in sorted(env.items()) if k.startswith(env_prefix)]
+    defaults = {}
+    for source, key, value in values:
+        action = actions.get(key)
+        if action is None:
+            raise ConfigError(f"{source}: {command_name} has no option {key!r}",
+                              "known: " + ", ".join(sorted(actions)))
+        defaults[key] = _coerce_setting(source, key, value, action)
+    subparser.set_defaults(**defaults)
+
+
+def _coerce_setting(source, key, value, action):
+    import argparse
+
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) \
+            or action.default is None and action.const is not None and action.nargs == 0 \
+            and isinstance(action.const, bool):
+        if isinstance(value, bool):
+            return value
+        lowered = str(value).strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{source}: {key} must be true or false, not {value!r}")
+    if isinstance(action, argparse._AppendAction):
+        items = value if isinstance(value, list) else [s for s in str(value).split(",") if s]
+        return [_convert(source, key, action, item) for item in items]
+    return _convert(source, key, action, value)
+
+
+def _convert(source, key, action, value):
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{source}: {key} must be one of {', '.join(map(str, action.choices))}")
+    if action.type is None:
+        return value if isinstance(value, str) else str(value)
+    try:
+        return action.type(value if isinstance(value, (str, int)) else str(value))
+    except MngrError as exc:
+        raise ConfigError(f"{source}: {key}: {exc.message}", exc.hint) from None
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: bad value {value!r} for {key}") from None
+
+
+def _subparser(parser, name):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(name)
+    return None
+
+
+def _command_name(parser, argv) -> str:
+    """The subcommand named in argv (aliases resolved), or ''."""
+    import argparse
+
+    choices = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sp in action.choices.items():
+                choices[name] = sp.get_default("command")
+    for arg in argv:
+        if not arg.startswith("-"):
+            return choices.get(arg, "")
+    return ""
+
+
+def emit(ctx, rows, human) -> None:
+    """Results on stdout: JSON, JSON lines, or the human form."""
+    fmt = getattr(ctx.args, "format", None)
+    if fmt == "json":
+        print(json.dumps(rows, indent=2, sort_keys=True, default=str))
+    elif fmt == "jsonl":
+        for row in rows if isinstance(rows, list) else [rows]:
+            print(json.dumps(row, sort_keys=True, default=str))
+    elif human is not None:
+        text = human() if callable(human) else human
+        if text:
+            print(text)
+
+
+def table(rows, columns) -> str:
+    if not rows:
+        return ""
+    widths = [max(len(col), *(len(str(r.get(key, ""))) for r in rows)) for col, key in columns]
+    lines = ["  ".join(col.upper().ljust(w) for (col, _), w in zip(columns, widths)).rstrip()]
+    for row in rows:
+        lines.append("  ".join(str(row.get(key, "")).ljust(w)
+                               for (_, key), w in zip(columns, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def iso(timestamp) -> str:
+    if not timestamp:
+        return ""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def age(timestamp, now) -> str:
+    if not timestamp:
+        return "-"
+    seconds = max(0, int(now - timestamp))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def agent_row(agent: AgentView, now: float) -> dict:
+    record = agent.record
+    host = agent.host
+    return {
+        "id": record.id,
+        "name": record.name,
+        "type": record.agent_type,
+        "state": agent.state,
+        "command": record.command,
+        "session": record.session,
+        "work_dir": record.work_dir,
+        "work_mode": record.work_mode,
+        "branch": record.branch,
+        "created_at": iso(record.created_at),
+        "age": age(record.created_at, now),
+        "exit_status": agent.exit_status,
+        "attached": agent.attached,
+        "verified": agent.verification.ok,
+        "verify_error": agent.verification.reason,
+        "host": host.name,
+        "host_id": host.record.id if host.record else "",
+        "provider": host.provider.name,
+        "host_state": host.record.lifecycle.state if host.record else "unknown",
+        "idle_mode": host.record.policy.idle_mode if host.record else "",
+    }
+
+
+def run_on_targets(ctx, agents, action, verb: str) -> int:
+    """Do action on each agent; report each result; exit 3 on partial failure."""
+    done, failed = [], []
+    for agent in agents:
+        try:
+            outcome = action(agent)
+        except MngrError as exc:
+            failed.append({"name": agent.record.name, "id": agent.record.id, "ok": False,
+                           "error": exc.line()})
+            print(f"mngr: error: {agent.record.name}: {exc.line()}", file=sys.stderr)
+        else:
+            done.append({"name": agent.record.name, "id": agent.record.id, "ok": True,
+                         "result": outcome or verb})
+    emit(ctx, done + failed, lambda: "\n".join(f"{r['result']} {r['name']}" for r in done))
+    if failed and done:
+        return EXIT_PARTIAL
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+def host_provider(ctx, agent: AgentView):
+    return agent.host.provider
+
+
+@command("create")
+def cmd_create(args, ctx) -> int:
+    provider = ctx.provider(args.provider)
+    name = validate_name(args.name) if args.name else None
+    plan = provider.plan_agent(args, name)
+    view = provider.create_agent(plan)
+    emit(ctx, agent_row(view, time.time()),
+         f"created agent {view.record.name} ({view.state}) in {view.record.work_dir}")
+    connect = args.connect if args.connect is not None else (sys.stdin.isatty() and sys.stdout.isatty())
+    if connect and args.format is None:
+        return provider.attach(view)
+    return EXIT_OK
+
+
+@command("list")
+def cmd_list(args, ctx) -> int:
+    import fnmatch
+
+    now = time.time()
+    filters = []
+    for flag, keep in (("include", True), ("exclude", False)):
+        for item in getattr(args, flag):
+            key, sep, pattern = item.partition("=")
+            if not sep or not key:
+                raise UsageError(f"bad --{flag} {item!r}", "use FIELD=GLOB, e.g. state=running")
+            filters.append((key, pattern, keep))
+    rows = []
+    for agent in ctx.agents():
+        row = agent_row(agent, now)
+        if args.running and agent.state != "running":
+            continue
+        if args.stopped and agent.state not in ("stopped", "done"):
+            continue
+        for key, pattern, keep in filters:
+            if key not in row:
+                raise UsageError(f"unknown field {key!r}", "fields: " + ", ".join(sorted(row)))
+            if fnmatch.fnmatchcase(str(row[key]), pattern) != keep:
+                break
+        else:
+            rows.append(row)
+    rows.sort(key=lambda r: (r["provider"], r["host"], r["name"]))
+    columns = [("name", "name"), ("state", "state"), ("type", "type"), ("host", "host"),
+               ("age", "age"), ("work dir", "work_dir")]
+    emit(ctx, rows, lambda: table(rows, columns) or "no agents")
+    return EXIT_OK
+
+
+@command("connect")
+def cmd_connect(args, ctx) -> int:
+    (agent,) = ctx.resolve([args.agent])[:1]
+    provider = host_provider(ctx, agent)
+    if agent.state != "running":
+        if args.no_start:
+            raise RefusedError(f"agent {agent.record.name} is {agent.state}",
+                               f"start it: mngr start {agent.record.name}")
+        agent = provider.start_agent(agent)
+    return provider.attach(agent)
+
+
+@command("message")
+def cmd_message(args, ctx) -> int:
+    agents = ctx.resolve(args.agents, args.all, args.stdin)
+    text = args.message
+    if text is None:
+        if args.stdin:
+            raise UsageError("--stdin reads agent names, so give the message with -m")
+        text = sys.stdin.read().rstrip("\n")
+    if not text:
+        raise UsageError("empty message", "give it with -m TEXT or on stdin")
+
+    def send(agent):
+        if agent.state != "running":
+            raise RefusedError(f"agent is {agent.state}", f"start it: mngr start {agent.record.name}")
+        host_provider(ctx, agent).send_message(agent, text)
+        return "sent to"
+    return run_on_targets(ctx, agents, send, "sent to")
+
+
+@command("exec")
+def cmd_exec(args, ctx) -> int:
+    words = list(args.shell_command) + list(args.extra)
+    if not words:
+        raise UsageError("no command given", f"e.g. mngr exec {args.agent} -- git status")
+    (agent,) = ctx.resolve([args.agent])[:1]
+    return host_provider(ctx, agent).exec_in(agent, " ".join(words), args.timeout)
+
+
+@command("logs")
+def cmd_logs(args, ctx) -> int:
+    (agent,) = ctx.resolve([args.agent])[:1]
+    text = host_provider(ctx, agent).output(agent, args.lines)
+    emit(ctx, {"name": agent.record.name, "state": agent.state, "output": text}, text.rstrip("\n"))
+    return EXIT_OK
+
+
+@command("stop")
+def cmd_stop(args, ctx) -> int:
+    agents = ctx.resolve(args.agents, args.all, args.stdin)
+
+    def stop(agent):
+        if agent.state == "stopped":
+            return "already stopped:"
+        host_provider(ctx, agent).stop_agent(agent)
+        return "stopped"
+    return run_on_targets(ctx, agents, stop, "stopped")
+
+
+@command("start")
+def cmd_start(args, ctx) -> int:
+    agents = ctx.resolve(args.agents, args.all, args.stdin)
+
+    def start(agent):
+        if agent.state == "running":
+            return "already running:"
+        host_provider(ctx, agent).start_agent(agent)
+        return "started"
+    return run_on_targets(ctx, agents, start, "started")
+
+
+@command("destroy")
+def cmd_destroy(args, ctx) -> int:
+    agents = ctx.resolve(args.agents, args.all, args.stdin)
+    if not args.force:
+        running = [a.record.name for a in agents if a.state in ("running", "replaced")]
+        if running:
+            raise RefusedError(f"{', '.join(running)} still running",
+                               "stop first, or pass -f to destroy anyway")
+        names = ", ".join(a.record.name for a in agents)
+        if not sys.stdin.isatty():
+            raise RefusedError(f"not destroying {names} without confirmation",
+                               "pass -f to destroy without asking")
+        print(f"destroy {names}? [y/N] ", end="", file=sys.stderr, flush=True)
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            print("nothing destroyed", file=sys.stderr)
+            return EXIT_ERROR
+
+    def destroy(agent):
+        host_provider(ctx, agent).destroy_agent(agent, remove_work=args.remove_branch,
+                                                discard_changes=args.discard_changes)
+        return "destroyed"
+    return run_on_targets(ctx, agents, destroy, "destroyed")
+
+
+@command("config")
+def cmd_config(args, ctx) -> int:
+    action = args.config_command
+    if action == "path":
+        rows = [{"scope": scope, "path": str(path), "exists": path.exists()}
+                for scope, path in _scoped_paths(ctx, args.scope)]
+        emit(ctx, rows, lambda: "\n".join(f"{r['scope']}: {r['path']}" for r in rows))
+        return EXIT_OK
+    if action == "list":
+        flat = _flatten(ctx.settings)
+        emit(ctx, flat, lambda: "\n".join(f"{k} = {json.dumps(v)}" for k, v in sorted(flat.items())))
+        return EXIT_OK
+    if action == "get":
+        value = ctx.settings
+        for part in args.key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise NotFoundError(f"no setting {args.key!r}", "see mngr config list")
+            value = value[part]
+        emit(ctx, value, value if isinstance(value, str) else json.dumps(value))
+        return EXIT_OK
+    (scope, path), = _scoped_paths(ctx, args.scope)
+    set_setting(path, args.key, args.value)
+    emit(ctx, {"scope": scope, "path": str(path), "key": args.key},
+         f"set {args.key} in {path}")
+    return EXIT_OK
+
+
+def _scoped_paths(ctx, scope):
+    paths = settings_files(ctx.env, ctx.cwd)
+    if scope is None:
+        return paths
+    for name, path in paths:
+        if name == scope:
+            return [(name, path)]
+    base = ctx.cwd
+    return [(scope, base / ".mngr" / ("settings.toml" if scope == "project" else "settings.local.toml"))]
+
+
+def _flatten(data, prefix=""):
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+TOML_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def set_setting(path: Path, key: str, raw_value: str) -> None:
+    """Change one key in a TOML file in place, keeping comments and order."""
+    parts = key.split(".")
+    if not all(TOML_KEY_RE.match(p) for p in parts):
+        raise UsageError(f"bad setting key {key!r}", "use dotted words, e.g. commands.create.agent_type")
+    value = _toml_value(raw_value)
+    table_name, leaf = ".".join(parts[:-1]), parts[-1]
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    _load_toml(path)  # refuse to edit a file that is already broken
+    header = f"[{table_name}]" if table_name else None
+    start = 0 if header is None else next(
+        (i + 1 for i, line in enumerate(lines) if line.strip() == header), None)
+    new_line = f"{leaf} = {value}"
+    if start is None:
+        lines += ([""] if lines else []) + [header, new_line]
+    else:
+        end = next((i for i in range(start, len(lines)) if lines[i].lstrip().startswith("[")),
+                   len(lines))
+        for i in range(start, end):
+            if re.match(rf"^\s*{re.escape(leaf)}\s*=", lines[i]):
+                lines[i] = new_line
+                break
+        else:
+            while end > start and not lines[end - 1].strip():
+                end -= 1
+            lines.insert(end, new_line)
+    text = "\n".join(lines) + "\n"
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        import tomli as tomllib
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"setting {key} would break {path}: {exc}",
+                          "a dotted key may clash with an inline table; edit the file by hand")
+    atomic_write(path, text.encode())
+
+
+def _toml_value(raw: str) -> str:
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        import tomli as tomllib
+    try:
+        tomllib.loads(f"v = {raw}")
+        return raw
+    except tomllib.TOMLDecodeError:
+        return json.dumps(raw)
+
+
+@command("keys")
+def cmd_keys(args, ctx) -> int:
+    if args.keys_command == "list":
+        keyring = ctx.keyring
+        rows = [{"id": k.id, "created_at": iso(k.created_at),
+                 "signing": k is keyring.signer()} for k in keyring.keys]
+        emit(ctx, rows, lambda: table(rows, [("id", "id"), ("created", "created_at"),
+                                             ("signing", "signing")]))
+        return EXIT_OK
+    path = config_dir(ctx.env) / "keys.json"
+    ctx.keyring  # make sure a keyring exists
+    with FileLock(path.with_name(".keys.lock")):
+        data = read_json(path)
+        data["keys"].append(_new_key_entry())
+        write_json(path, data, mode=0o600)
+    ctx._keyring = None
+    resigned = 0
+    for provider in ctx.providers():
+        resigned += provider.resign(ctx.keyring)
+    ctx.versions.save()
+    if args.retire_old:
+        with FileLock(path.with_name(".keys.lock")):
+            data = read_json(path)
+            data["keys"] = data["keys"][-1:]
+            write_json(path, data, mode=0o600)
+    new = load_keyring(ctx.env).signer()
+    emit(ctx, {"signing_key": new.id, "resigned": resigned},
+         f"new signing key {new.id}; re-signed {resigned} records")
+    return EXIT_OK
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["host-info"],):
+        return host_main(argv)
+    _VERBOSITY[0] = 0
+    try:
+        parser = build_parser()
+        name = _command_name(parser, argv)
+        argv, extra = _split_after_dashes(argv) if name in ("create", "exec") else (argv, [])
+        env = dict(os.environ)
+        settings = {}
+        if name:
+            settings = load_settings(env, Path(os.getcwd()))
+            apply_command_settings(parser, name, settings, env)
+        args = parser.parse_args(argv)
+        args.extra = extra
+        if not args.command:
+            parser.print_help()
+            return EXIT_USAGE
+        _VERBOSITY[0] = args.verbose - args.quiet
+        ctx = Context(args, env=env, settings=settings)
+        return COMMANDS[args.command](args, ctx)
+    except MngrError as exc:
+        print(f"mngr: error: {exc.line()}", file=sys.stderr)
+        if exc.detail and _VERBOSITY[0] > 0:
+            print(exc.detail.rstrip(), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mngr: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+def console_main() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    sys.modules.setdefault("mngr", sys.modules["__main__"])
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""The local provider: this machine as a host that is always running.
+
+Agents are tmux sessions on mngr's own tmux socket. The host cannot be
+stopped or destroyed; its agents can. The local host is trusted (DESIGN 1).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import mngr
+
+
+@dataclass(frozen=True)
+class AgentPlan:
+    """Everything create needs, resolved and checked before anything is made."""
+
+    name: str
+    agent_type: str
+    command: str
+    work_mode: str
+    source_dir: Path
+    target: Path | None
+    branch: str
+    base_branch: str
+    env: dict
+
+
+class LocalProvider:
+    backend = "local"
+
+    def __init__(self, name: str, conf: dict, ctx):
+        self.name = name
+        self.conf = conf
+        self.ctx = ctx
+        self.host_dir = mngr.HostDir(ctx.env.get(mngr.ENV_HOST_DIR) or mngr.user_dir(ctx.env))
+        self.tmux = mngr.Tmux(ctx.tmux_socket)
+
+    # Reading ---------------------------------------------------------------
+
+    def store(self) -> mngr.Store:
+        return mngr.Store(self.host_dir, self.ctx.keyring, self.ctx.versions)
+
+    def collect(self) -> list:
+        """The local host and its agents: file reads plus one tmux call."""
+        if not self.host_dir.data.exists():
+            return []
+        store = self.store()
+        record, verification = store.read_host()
+        host = mngr.HostView(self, record, verification)
+        agent_ids = record.agents if record else self._agent_dirs()
+        panes = self.tmux.panes() if agent_ids else {}
+        for agent_id in agent_ids:
+            agent, agent_check = store.read_agent(agent_id)
+            if agent is None:
+                continue
+            host.agents.append(self._view(host, agent, agent_check, panes))
+        return [host]
+
+    def _agent_dirs(self) -> list:
+        try:
+            return sorted(p.name for p in self.host_dir.agents.iterdir() if mngr.is_id(p.name))
+        except FileNotFoundError:
+            return []
+
+    def _view(self, host, agent, verification, panes):
+        pane = panes.get(agent.session, False)
+        status = mngr.read_status(self.host_dir.agent_dir(agent.id))
+        state = mngr.agent_state(status.get("pane_pid", 0), pane)
+        return mngr.AgentView(agent, host, state, verification,
+                              exit_status=pane.dead_status if pane and pane.dead else None,
+                              attached=bool(pane and pane.attached))
+
+    def _refresh(self, view):
+        host = self.collect()[0]
+        for agent in host.agents:
+            if agent.record.id == view.record.id:
+                return agent
+        raise mngr.NotFoundError(f"agent {view.record.name} vanished")
+
+    # Creating --------------------------------------------------------------
+
+    def plan_agent(self, args, name) -> AgentPlan:
+        settings = self.ctx.settings
+        agent_type, command = mngr.resolve_agent_command(
+            settings, args.agent_type, args.agent_cmd, args.extra)
+        env = mngr.agent_type_env(settings, agent_type)
+        env.update(mngr.agent_env_from_args(args, self.ctx.env))
+        name = name or f"{agent_type if agent_type != 'generic' else 'agent'}-{os.urandom(2).hex()}"
+        mngr.validate_name(name)
+        source = Path(args.source or self.ctx.cwd).resolve()
+        if not source.is_dir():
+            raise mngr.UsageError(f"source dir {source} does not exist", "give an existing --source DIR")
+        top = mngr.git_toplevel(source) if shutil.which("git") else None
+        mode = args.work_mode or ("worktree" if top else "in_place")
+        branch = base = ""
+        target = Path(args.target).resolve() if args.target else None
+        if mode == "in_place" and target:
+            raise mngr.UsageError("--target makes no sense with --in-place", "drop one of them")
+        if mode == "worktree":
+            if top is None:
+                raise mngr.UsageError(f"{source} is not in a git repository",
+                                      "use --copy or --in-place, or run git init")
+            branch = args.new_branch or f"mngr/{name}"
+            if mngr.git(top, "check-ref-format", "--branch", branch, check=False).returncode:
+                raise mngr.UsageError(f"bad branch name {branch!r}", "give another --new-branch")
+            if mngr.git(top, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}",
+                        check=False).returncode == 0:
+                raise mngr.RefusedError(f"branch {branch} already exists",
+                                        f"pick another with --new-branch, or delete it: git branch -D {branch}")
+            base = args.base_branch or "HEAD"
+            if mngr.git(top, "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}",
+                        check=False).returncode:
+                raise mngr.UsageError(f"no commit {base!r} in {top}",
+                                      "give an existing --base-branch, or make a first commit")
+            source = top
+        elif args.base_branch or args.new_branch:
+            raise mngr.UsageError("--base-branch and --new-branch need --worktree")
+        if target is not None and target.exists():
+            raise mngr.RefusedError(f"target {target} already exists", "give a new --target DIR")
+        return AgentPlan(name, agent_type, command, mode, source, target, branch, base, env)
+
+    def create_agent(self, plan: AgentPlan):
+        mngr.run(["tmux", "-V"], what="tmux")  # fail early and clearly when tmux is missing
+        undo = []
+        try:
+            with mngr.FileLock(self.host_dir.lock):
+                store = self.store()
+                host = self._ensure_host(store)
+                for agent_id in host.agents:
+                    other, _ = store.read_agent(agent_id)
+                    if other is not None and other.name == plan.name:
+                        raise mngr.RefusedError(f"an agent named {plan.name} already exists",
+                                                "pick another name, or destroy it first")
+                agent_id = mngr.new_id()
+                work_dir = self._make_work_dir(plan, agent_id, undo)
+                agent_dir = self.host_dir.agent_dir(agent_id)
+                mngr.agent_skeleton(agent_dir)
+                undo.append(lambda: shutil.rmtree(agent_dir, ignore_errors=True))
+                mngr.atomic_write(agent_dir / "env", mngr.format_env_file(plan.env), mode=0o600)
+                now = time.time()
+                record = mngr.AgentRecord(
+                    id=agent_id, name=plan.name, host_id=host.id, agent_type=plan.agent_type,
+                    command=plan.command, session=self.ctx.prefix + plan.name,
+                    work_dir=str(work_dir), work_mode=plan.work_mode, branch=plan.branch,
+                    source_dir=str(plan.source_dir), created_at=now)
+                store.write_agent(record)
+                new_host = replace(host, agents=host.agents + (agent_id,),
+                                   version=store.next_version(host.id, host.version))
+                store.write_host(new_host)
+                undo.append(lambda: self._forget_agent(agent_id))
+                self._start_session(record)
+                store.versions.save()
+        except BaseException:
+            for step in reversed(undo):
+                step()
+            raise
+        mngr.append_jsonl(self.host_dir.events / "mngr.jsonl",
+                          {"at": now, "event": "agent_created", "agent": plan.name, "id": agent_id})
+        return self._refresh(mngr.AgentView(record, None, "running", mngr.Verification(True)))
+
+    def _ensure_host(self, store) -> mngr.HostRecord:
+        record, verification = store.read_host()
+        if record is not None:
+            return record
+        if verification.reason != "missing":
+            raise mngr.TamperedStateError(
+                f"the local host record {self.host_dir.data} fails verification: {verification.reason}",
+                "inspect it; move it aside to start afresh")
+        self.host_dir.skeleton()
+        now = time.time()
+        record = mngr.HostRecord(id=mngr.new_id(), name="local", provider=self.name,
+                                 lifecycle=mngr.Lifecycle("running", now),
+                                 policy=mngr.IdlePolicy(), created_at=now)
+        store.write_host(record)
+        return record
+
+    def _make_work_dir(self, plan: AgentPlan, agent_id: str, undo) -> Path:
+        if plan.work_mode == "in_place":
+            return plan.source_dir
+        target = plan.target or self.host_dir.work / f"{plan.name}-{agent_id[:8]}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if plan.work_mode == "copy":
+            undo.append(lambda: shutil.rmtree(target, ignore_errors=True))
+            shutil.copytree(plan.source_dir, target, symlinks=True)
+            return target
+        if mngr.git_is_dirty(plan.source_dir):
+            mngr.warn(f"{plan.source_dir} has uncommitted changes; the worktree starts from "
+                      f"{plan.base_branch} without them")
+        mngr.git(plan.source_dir, "worktree", "add", "-q", "-b", plan.branch, str(target),
+                 plan.base_branch)
+
+        def remove_worktree():
+            mngr.git(plan.source_dir, "worktree", "remove", "--force", str(target), check=False)
+            mngr.git(plan.source_dir, "branch", "-D", plan.branch, check=False)
+        undo.append(remove_worktree)
+        return target
+
+    def _session_env(self, record: mngr.AgentRecord) -> dict:
+        agent_dir = self.host_dir.agent_dir(record.id)
+        env = mngr.read_env_file(self.host_dir.env)
+        env.update(mngr.read_env_file(agent_dir / "env"))
+        env.update({
+            mngr.ENV_HOST_DIR: str(self.host_dir.root),
+            "MNGR_AGENT_ID": record.id,
+            "MNGR_AGENT_NAME": record.name,
+            "MNGR_AGENT_STATE_DIR": str(agent_dir),
+            "MNGR_AGENT_WORK_DIR": record.work_dir,
+        })
+        return env
+
+    def _start_session(self, record: mngr.AgentRecord) -> None:
+        if not Path(record.work_dir).is_dir():
+            raise mngr.RefusedError(f"work dir {record.work_dir} of {record.name} is gone",
+                                    "restore it, or destroy the agent")
+        agent_dir = self.host_dir.agent_dir(record.id)
+        pid = self.tmux.start(record.session, record.command, record.work_dir,
+                              self._session_env(record), agent_dir / "logs" / "output.log")
+        mngr.write_json(agent_dir / "status", {"pane_pid": pid, "started_at": time.time()})
+        mngr.append_jsonl(agent_dir / "events" / "events.jsonl",
+                          {"at": time.time(), "event": "started", "pane_pid": pid})
+
+    # Acting on agents ------------------------------------------------------
+
+    def start_agent(self, view):
+        if view.state == "replaced":
+            raise mngr.RefusedError(f"{view.record.name}'s session runs another program",
+                                    f"stop it first: mngr stop {view.record.name}")
+        if view.state == "done":
+            self.tmux.kill(view.record.session)
+        self._start_session(view.record)
+        return self._refresh(view)
+
+    def stop_agent(self, view) -> None:
+        self.tmux.kill(view.record.session)
+        agent_dir = self.host_dir.agent_dir(view.record.id)
+        mngr.append_jsonl(agent_dir / "events" / "events.jsonl",
+                          {"at": time.time(), "event": "stopped"})
+
+    def send_message(self, view, text: str) -> None:
+        self.tmux.send(view.record.session, text)
+
+    def output(self, view, lines: int) -> str:
+        if view.state != "stopped":
+            return self.tmux.capture(view.record.session, lines)
+        log = self.host_dir.agent_dir(view.record.id) / "logs" / "output.log"
+        try:
+            data = log.read_bytes()[-lines * 400:]
+        except FileNotFoundError:
+            return ""
+        return "\n".join(data.decode(errors="replace").splitlines()[-lines:]) + "\n"
+
+    def exec_in(self, view, shell_command: str, timeout) -> int:
+        env = dict(self.ctx.env)
+        env.update(self._session_env(view.record))
+        result = mngr.run(["sh", "-c", shell_command], cwd=view.record.work_dir, env=env,
+                          capture=False, check=False, timeout=timeout,
+                          what=f"exec in {view.record.name}")
+        return result.returncode
+
+    def attach(self, view) -> int:
+        env = {k: v for k, v in self.ctx.env.items() if k != "TMUX"}
+        if not sys.stdin.isatty():
+            raise mngr.RefusedError("cannot attach: stdin is not a terminal",
+                                    f"run it from a terminal: mngr connect {view.record.name}")
+        return mngr.run(self.tmux.attach_argv(view.record.session), capture=False, check=False,
+                        timeout=None, env=env, what="tmux attach").returncode
+
+    def destroy_agent(self, view, remove_work: bool, discard_changes: bool) -> None:
+        record = view.record
+        if remove_work and record.work_mode == "worktree" and Path(record.work_dir).is_dir() \
+                and not discard_changes and mngr.git_is_dirty(Path(record.work_dir)):
+            raise mngr.RefusedError(f"worktree {record.work_dir} has uncommitted changes",
+                                    "commit them, or add --discard-changes")
+        self.tmux.kill(record.session)
+        with mngr.FileLock(self.host_dir.lock):
+            self._forget_agent(record.id)
+        shutil.rmtree(self.host_dir.agent_dir(record.id), ignore_errors=True)
+        if remove_work and record.work_mode == "worktree":
+            mngr.git(record.source_dir, "worktree", "remove", "--force", record.work_dir, check=False)
+            mngr.git(record.source_dir, "branch", "-D", record.branch, check=False)
+        elif remove_work and record.work_mode == "copy":
+            shutil.rmtree(record.work_dir, ignore_errors=True)
+        mngr.append_jsonl(self.host_dir.events / "mngr.jsonl",
+                          {"at": time.time(), "event": "agent_destroyed", "agent": record.name,
+                           "id": record.id})
+
+    def _forget_agent(self, agent_id: str) -> None:
+        store = self.store()
+        host, _ = store.read_host()
+        if host is not None and agent_id in host.agents:
+            store.write_host(replace(host, agents=tuple(a for a in host.agents if a != agent_id),
+                                     version=store.next_version(host.id, host.version)))
+        store.versions.save()
+
+    # Hosts and keys --------------------------------------------------------
+
+    def stop_host(self, host) -> None:
+        raise mngr.RefusedError("the local host cannot be stopped", "stop its agents: mngr stop NAME")
+
+    def destroy_host(self, host) -> None:
+        raise mngr.RefusedError("the local host cannot be destroyed",
+                                "destroy its agents: mngr destroy NAME")
+
+    def resign(self, keyring) -> int:
+        """Re-sign the local records with the newest key; returns how many."""
+        if not self.host_dir.data.exists():
+            return 0
+        count = 0
+        with mngr.FileLock(self.host_dir.lock):
+            old = self.store()
+            new = mngr.Store(self.host_dir, keyring, self.ctx.versions)
+            host, check = old.read_host()
+            if host is None:
+                raise mngr.TamperedStateError(
+                    f"not re-signing {self.host_dir.data}: it fails verification ({check.reason})")
+            for agent_id in host.agents:
+                agent, _ = old.read_agent(agent_id)
+                if agent is not None:
+                    new.write_agent(replace(agent, version=new.next_version(agent.id, agent.version)))
+                    count += 1
+            new.write_host(replace(host, version=new.next_version(host.id, host.version)))
+        return count + 1
