@@ -20,8 +20,6 @@ __version__ = "0.1.0"
 # Imports ###################################################################
 
 import dataclasses
-import hashlib
-import hmac
 import json
 import os
 import re
@@ -140,15 +138,16 @@ IDLE_MODES = {
     "disabled": frozenset(),
 }
 
-NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-ID_RE = re.compile(r"^[0-9a-f]{32}$")
-DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+# Patterns are strings, compiled on first use (re caches them): start-up stays cheap.
+NAME_PATTERN = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+ID_PATTERN = r"[0-9a-f]{32}"
+DURATION_PATTERN = r"(\d+)([smhd]?)"
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def validate_name(name: str, what: str = "agent name") -> str:
     """Names are DNS labels: letters, digits and inner hyphens, 1-63 chars."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name, re.ASCII):
         raise UsageError(
             f"bad {what} {name!r}",
             "use 1-63 letters, digits and hyphens, not starting or ending with a hyphen",
@@ -163,7 +162,7 @@ def new_id() -> str:
 
 
 def is_id(text: str) -> bool:
-    return bool(ID_RE.match(text or ""))
+    return bool(re.fullmatch(ID_PATTERN, text or ""))
 
 
 def parse_duration(text) -> int:
@@ -172,7 +171,7 @@ def parse_duration(text) -> int:
         raise UsageError(f"bad duration {text!r}", "use a number of seconds or 30s, 5m, 1h, 2d")
     if isinstance(text, int) and text >= 0:
         return text
-    match = DURATION_RE.match(text) if isinstance(text, str) else None
+    match = re.fullmatch(DURATION_PATTERN, text.strip(), re.ASCII) if isinstance(text, str) else None
     if not match:
         raise UsageError(f"bad duration {text!r}", "use a number of seconds or 30s, 5m, 1h, 2d")
     return int(match.group(1)) * DURATION_UNITS[match.group(2)]
@@ -355,6 +354,9 @@ def canonical_json(payload) -> bytes:
 
 
 def signature_for(secret: bytes, payload: dict) -> str:
+    import hashlib
+    import hmac
+
     return hmac.new(secret, SIGNATURE_DOMAIN + canonical_json(payload), hashlib.sha256).hexdigest()
 
 
@@ -406,6 +408,8 @@ def verify_document(document, keyring: Keyring, kind: str, record_id: str = "",
     key = keyring.get(document.get("key_id"))
     if key is None:
         return Verification(False, "unknown key")
+    import hmac
+
     signature = document.get("signature")
     if not isinstance(signature, str) or not hmac.compare_digest(
             signature, signature_for(key.secret, payload)):
@@ -1252,7 +1256,7 @@ class _Parser:
 
         class Parser(argparse.ArgumentParser):
             def error(self, message):
-                raise UsageError(f"{self.prog}: {message}", f"see '{self.prog} --help'")
+                raise UsageError(message, f"see '{self.prog} --help'")
 
         return argparse, Parser
 
@@ -1274,20 +1278,7 @@ def _add_targets(parser, what: str = "agents") -> None:
     parser.add_argument("--stdin", action="store_true", help="read agent names from stdin")
 
 
-def build_parser():
-    argparse, Parser = _Parser.make()
-    parser = Parser(prog="mngr", description="Run AI coding agents in tmux sessions on hosts, "
-                    "and stop idle hosts.")
-    parser.add_argument("--version", action="version", version=f"mngr {__version__}")
-    subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-
-    def sub(name, help_text, aliases=()):
-        sp = subs.add_parser(name, aliases=list(aliases), help=help_text, description=help_text)
-        sp.set_defaults(command=name)
-        _add_output_flags(sp)
-        return sp
-
-    sp = sub("create", "create an agent and start it", ["c"])
+def _args_create(sp, Parser):
     sp.add_argument("name", nargs="?", help="agent name (default: generated)")
     sp.add_argument("agent_type", nargs="?", metavar="TYPE",
                     help="claude, codex, a custom type from settings, or a program on PATH")
@@ -1317,7 +1308,8 @@ def build_parser():
     connect.add_argument("--no-connect", dest="connect", action="store_false",
                          help="do not attach after creating")
 
-    sp = sub("list", "list agents and their hosts", ["ls"])
+
+def _args_list(sp, Parser):
     sp.add_argument("--running", action="store_true", help="only running agents")
     sp.add_argument("--stopped", action="store_true", help="only stopped or finished agents")
     sp.add_argument("--include", action="append", default=[], metavar="FIELD=GLOB",
@@ -1325,30 +1317,37 @@ def build_parser():
     sp.add_argument("--exclude", action="append", default=[], metavar="FIELD=GLOB",
                     help="drop agents whose field matches (repeatable)")
 
-    sp = sub("connect", "attach to an agent's tmux session")
+
+def _args_connect(sp, Parser):
     sp.add_argument("agent", metavar="AGENT")
     sp.add_argument("--no-start", action="store_true", help="fail instead of starting a stopped agent")
 
-    sp = sub("message", "send a message to agents", ["msg"])
+
+def _args_message(sp, Parser):
     _add_targets(sp)
     sp.add_argument("-m", "--message", metavar="TEXT", help="the message (default: read stdin)")
 
-    sp = sub("exec", "run a shell command in an agent's work dir on its host")
+
+def _args_exec(sp, Parser):
     sp.add_argument("agent", metavar="AGENT")
     sp.add_argument("shell_command", nargs="*", metavar="CMD", help="the command (after --)")
     sp.add_argument("--timeout", type=parse_duration, metavar="DURATION", help="give up after this long")
 
-    sp = sub("logs", "print an agent's recent output")
+
+def _args_logs(sp, Parser):
     sp.add_argument("agent", metavar="AGENT")
     sp.add_argument("-n", "--lines", type=int, default=100, metavar="N", help="lines of history")
 
-    sp = sub("stop", "stop agents (their work dirs are kept)")
+
+def _args_stop(sp, Parser):
     _add_targets(sp)
 
-    sp = sub("start", "start stopped agents again, with the same command and env")
+
+def _args_start(sp, Parser):
     _add_targets(sp)
 
-    sp = sub("destroy", "destroy agents", ["rm"])
+
+def _args_destroy(sp, Parser):
     _add_targets(sp)
     sp.add_argument("-f", "--force", action="store_true",
                     help="do not ask, and destroy running agents too")
@@ -1357,7 +1356,8 @@ def build_parser():
     sp.add_argument("--discard-changes", action="store_true",
                     help="with --remove-branch: remove even with uncommitted changes")
 
-    sp = sub("config", "read and change settings")
+
+def _args_config(sp, Parser):
     cfg = sp.add_subparsers(dest="config_command", metavar="ACTION", parser_class=Parser)
     cfg.required = True
     for name, help_text in (("get", "print one setting"), ("set", "change one setting"),
@@ -1373,7 +1373,8 @@ def build_parser():
                              default="user" if name == "set" else None,
                              help="which settings file (default: user)")
 
-    sp = sub("keys", "the signing keys")
+
+def _args_keys(sp, Parser):
     keys = sp.add_subparsers(dest="keys_command", metavar="ACTION", parser_class=Parser)
     keys.required = True
     for name, help_text in (("list", "list the signing keys (never their secrets)"),
@@ -1383,6 +1384,38 @@ def build_parser():
         if name == "rotate":
             ksp.add_argument("--retire-old", action="store_true",
                              help="drop the older keys once everything is re-signed")
+
+
+# name, aliases, one-line help, the function that adds its arguments
+COMMAND_TABLE = (
+    ("create", ("c",), "create an agent and start it", _args_create),
+    ("list", ("ls",), "list agents and their hosts", _args_list),
+    ("connect", (), "attach to an agent's tmux session", _args_connect),
+    ("message", ("msg",), "send a message to agents", _args_message),
+    ("exec", (), "run a shell command in an agent's work dir on its host", _args_exec),
+    ("logs", (), "print an agent's recent output", _args_logs),
+    ("stop", (), "stop agents (their work dirs are kept)", _args_stop),
+    ("start", (), "start stopped agents again, with the same command and env", _args_start),
+    ("destroy", ("rm",), "destroy agents", _args_destroy),
+    ("config", (), "read and change settings", _args_config),
+    ("keys", (), "the signing keys", _args_keys),
+)
+
+
+def build_parser(only=None):
+    """The CLI parser; given ``only`` (a command or ""), the other commands get no
+    arguments, so start-up does not pay for what this run will not parse."""
+    _argparse, Parser = _Parser.make()
+    parser = Parser(prog="mngr", description="Run AI coding agents in tmux sessions on hosts, "
+                    "and stop idle hosts.")
+    parser.add_argument("--version", action="version", version=f"mngr {__version__}")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name, aliases, help_text, add_arguments in COMMAND_TABLE:
+        sp = subs.add_parser(name, aliases=list(aliases), help=help_text, description=help_text)
+        sp.set_defaults(command=name)
+        if only is None or only == name:
+            _add_output_flags(sp)
+            add_arguments(sp, Parser)
     return parser
 
 
@@ -1469,18 +1502,12 @@ def _subparser(parser, name):
     return None
 
 
-def _command_name(parser, argv) -> str:
+def _command_name(argv) -> str:
     """The subcommand named in argv (aliases resolved), or ''."""
-    import argparse
-
-    choices = {}
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sp in action.choices.items():
-                choices[name] = sp.get_default("command")
+    names = {alias: name for name, aliases, _, _ in COMMAND_TABLE for alias in (name, *aliases)}
     for arg in argv:
         if not arg.startswith("-"):
-            return choices.get(arg, "")
+            return names.get(arg, "")
     return ""
 
 
@@ -1767,13 +1794,12 @@ def _flatten(data, prefix=""):
     return flat
 
 
-TOML_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def set_setting(path: Path, key: str, raw_value: str) -> None:
     """Change one key in a TOML file in place, keeping comments and order."""
     parts = key.split(".")
-    if not all(TOML_KEY_RE.match(p) for p in parts):
+    if not all(re.fullmatch(r"[A-Za-z0-9_-]+", p) for p in parts):
         raise UsageError(f"bad setting key {key!r}", "use dotted words, e.g. commands.create.agent_type")
     value = _toml_value(raw_value)
     table_name, leaf = ".".join(parts[:-1]), parts[-1]
@@ -1861,8 +1887,8 @@ def main(argv=None) -> int:
         return host_main(argv)
     _VERBOSITY[0] = 0
     try:
-        parser = build_parser()
-        name = _command_name(parser, argv)
+        name = _command_name(argv)
+        parser = build_parser(only=name)
         argv, extra = _split_after_dashes(argv) if name in ("create", "exec") else (argv, [])
         env = dict(os.environ)
         settings = {}
@@ -1877,16 +1903,21 @@ def main(argv=None) -> int:
         _VERBOSITY[0] = args.verbose - args.quiet
         ctx = Context(args, env=env, settings=settings)
         return COMMANDS[args.command](args, ctx)
+    except BrokenPipeError:
+        return EXIT_OK
     except MngrError as exc:
         print(f"mngr: error: {exc.line()}", file=sys.stderr)
         if exc.detail and _VERBOSITY[0] > 0:
             print(exc.detail.rstrip(), file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a file or dir we needed: say which, never a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"mngr: error: {exc.strerror or exc}{where} (check the path and its permissions)",
+              file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("mngr: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return EXIT_OK
 
 
 def console_main() -> None:

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs when it is missing, then starts the
+# services it needs. Safe to run again: it only acts on what is missing.
+#   tests/setup.sh deps   Debian packages (as root; otherwise says what to install)
+#   tests/setup.sh venv   .venv with pytest, hypothesis, setuptools, wheel
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+
+deps() {
+    local missing=()
+    command -v tmux >/dev/null || missing+=(tmux)
+    command -v git >/dev/null || missing+=(git)
+    "$PYTHON" -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: missing Debian packages: ${missing[*]} (run: sudo apt-get install ${missing[*]})" >&2
+        exit 1
+    fi
+    echo "setup: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+venv() {
+    if [ ! -x .venv/bin/python ]; then
+        "$PYTHON" -m venv --system-site-packages .venv
+    fi
+    local need=()
+    for mod in pytest hypothesis setuptools wheel; do
+        .venv/bin/python -c "import $mod" 2>/dev/null || need+=("$mod")
+    done
+    if [ ${#need[@]} -gt 0 ]; then
+        echo "setup: installing ${need[*]} into .venv" >&2
+        .venv/bin/python -m pip install --quiet "${need[@]}"
+    fi
+}
+
+for step in "$@"; do "$step"; done
