@@ -126,6 +126,9 @@ AGENT_STATES = ("running", "done", "replaced", "stopped")
 WORK_MODES = ("in_place", "copy", "worktree")
 
 ACTIVITY_SOURCES = ("create", "boot", "start", "ssh", "process", "agent", "user")
+REPORTED_SOURCES = ("start", "ssh", "agent", "user")   # written inside the host: never trusted blindly
+TRUST_LEVELS = ("trusted", "untrusted")
+ACTIONS = ("none", "stop", "mark_failed", "force_stop")
 IDLE_MODES = {
     "io": frozenset({"user", "agent", "ssh", "create", "start", "boot"}),
     "user": frozenset({"user", "ssh", "create", "start", "boot"}),
@@ -187,48 +190,69 @@ def format_duration(seconds) -> str:
     return f"{seconds}s"
 
 
+def mode_for(sources) -> str:
+    """The idle mode whose source set is exactly this one, else 'custom'."""
+    sources = frozenset(sources)
+    for mode, mode_sources in IDLE_MODES.items():
+        if mode_sources == sources:
+            return mode
+    return "custom"
+
+
 @dataclass(frozen=True)
 class IdlePolicy:
-    """When a host counts as idle; signed into the host's data.json."""
+    """When a host counts as idle or stuck; signed into the host's data.json.
 
-    idle_mode: str = "disabled"
+    The activity sources are the truth; the idle mode is the name of that set
+    (DESIGN 5), or 'custom'. Durations are seconds.
+    """
+
+    activity_sources: frozenset = frozenset()
     idle_timeout: int = 3600
     max_lifetime: int | None = None
     trust: str = "trusted"
     trust_reported: bool = False
-    activity_sources: tuple = ()
+    building_timeout: int = 1800
+    starting_timeout: int = 600
+    stopping_timeout: int = 300
+    deploy_timeout: int = 600
 
-    def sources(self) -> frozenset:
-        if self.idle_mode == "custom":
-            return frozenset(self.activity_sources)
-        return IDLE_MODES[self.idle_mode]
+    @property
+    def idle_mode(self) -> str:
+        return mode_for(self.activity_sources)
+
+    @classmethod
+    def for_mode(cls, mode: str, **fields) -> "IdlePolicy":
+        if mode not in IDLE_MODES:
+            raise UsageError(f"unknown idle mode {mode!r}", "known: " + ", ".join(IDLE_MODES))
+        return cls(activity_sources=IDLE_MODES[mode], **fields)
 
     def to_dict(self) -> dict:
-        return {
-            "idle_mode": self.idle_mode,
-            "idle_timeout": self.idle_timeout,
-            "max_lifetime": self.max_lifetime,
-            "trust": self.trust,
-            "trust_reported": self.trust_reported,
-            "activity_sources": sorted(self.sources()),
-        }
+        data = dataclasses.asdict(self)
+        data["activity_sources"] = sorted(self.activity_sources)
+        data["idle_mode"] = self.idle_mode
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "IdlePolicy":
-        mode = data.get("idle_mode", "disabled")
-        sources = tuple(sorted(data.get("activity_sources") or ()))
-        if mode not in IDLE_MODES and mode != "custom":
-            raise ValueError(f"unknown idle mode {mode!r}")
-        if any(s not in ACTIVITY_SOURCES for s in sources):
-            raise ValueError(f"unknown activity source in {sources!r}")
-        return cls(
-            idle_mode=mode,
-            idle_timeout=int(data.get("idle_timeout", 3600)),
-            max_lifetime=None if data.get("max_lifetime") is None else int(data["max_lifetime"]),
-            trust=str(data.get("trust", "trusted")),
-            trust_reported=bool(data.get("trust_reported", False)),
-            activity_sources=sources if mode == "custom" else (),
-        )
+        sources = frozenset(data.get("activity_sources") or ())
+        unknown = sources - set(ACTIVITY_SOURCES)
+        if unknown:
+            raise ValueError(f"unknown activity sources {sorted(unknown)}")
+        if data.get("trust", "trusted") not in TRUST_LEVELS:
+            raise ValueError(f"unknown trust {data.get('trust')!r}")
+        fields = {f.name: data[f.name] for f in dataclasses.fields(cls)
+                  if f.name in data and f.name != "activity_sources"}
+        for name, value in fields.items():
+            if name in ("trust",):
+                continue
+            if name == "trust_reported":
+                if not isinstance(value, bool):
+                    raise ValueError("trust_reported must be true or false")
+            elif not (value is None and name == "max_lifetime") and (
+                    not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{name} must be a whole number of seconds")
+        return cls(activity_sources=sources, **fields)
 
 
 @dataclass(frozen=True)
@@ -344,6 +368,129 @@ def transition(current: Lifecycle, new_state: str, now: float) -> Lifecycle:
             f"from {current.state} it can go to: {allowed}",
         )
     return Lifecycle(new_state, now)
+
+
+def derive_state(exists: bool, running: bool, signed_state: str) -> str:
+    """A host's observed state: provider facts first, the signed record for the rest."""
+    if not exists:
+        return "building" if signed_state == "building" else "destroyed"
+    if running:
+        return signed_state if signed_state in ("starting", "stopping") else "running"
+    if signed_state in ("starting", "failed"):
+        return signed_state
+    return "stopped"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What enforcement knows about one host at one moment.
+
+    certified_*: from the provider. signed_*: from data.json, which verified
+    (or ``verify_error`` says why not). reported: timestamps written inside
+    the host, as (source, epoch seconds) pairs; believed only when trusted.
+    """
+
+    exists: bool
+    running: bool
+    state: str
+    state_since: float
+    verify_error: str = ""
+    certified_created_at: float | None = None
+    certified_boot_time: float | None = None
+    signed_created_at: float | None = None
+    process_alive: bool = False
+    reported: tuple = ()
+    deploy_lock_since: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str
+    reason: str
+    idle_seconds: float | None = None
+    deadline: float | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+TRANSITIONAL_TIMEOUTS = {"building": ("building_timeout", "mark_failed"),
+                         "starting": ("starting_timeout", "mark_failed"),
+                         "stopping": ("stopping_timeout", "force_stop")}
+
+
+def decide(observation: Observation, policy: IdlePolicy, now: float) -> Decision:
+    """The one place policy is interpreted. Pure: no I/O, no clock.
+
+    In order: a host that is gone gets nothing (never destroy on missing
+    information); a tampered record stops a running host; a transitional
+    state past its timeout fails or is forced stopped; a host that is not
+    running needs nothing; max_lifetime always wins; then idleness, which a
+    live deploy lock defers.
+    """
+    obs = observation
+    if not obs.exists and obs.state != "building":
+        return Decision("none", "host does not exist")
+    if obs.verify_error and obs.running:
+        return Decision("stop", f"tampered: {obs.verify_error}")
+    if obs.state in TRANSITIONAL_TIMEOUTS:
+        field_name, action = TRANSITIONAL_TIMEOUTS[obs.state]
+        limit = getattr(policy, field_name)
+        deadline = obs.state_since + limit
+        if now >= deadline:
+            return Decision(action, f"{obs.state} for {format_duration(now - obs.state_since)}, "
+                                    f"past its {format_duration(limit)} timeout", None, deadline)
+        return Decision("none", f"{obs.state} (timeout {format_duration(limit)})", None, deadline)
+    if not obs.running:
+        return Decision("none", f"host is {obs.state}")
+
+    lifetime_deadline = None
+    if policy.max_lifetime is not None:
+        births = [t for t in (obs.certified_created_at, obs.certified_boot_time) if t is not None]
+        born = max(births) if births else obs.state_since
+        lifetime_deadline = born + policy.max_lifetime
+        if now >= lifetime_deadline:
+            return Decision("stop", f"max lifetime {format_duration(policy.max_lifetime)} reached",
+                            None, lifetime_deadline)
+
+    sources = policy.activity_sources
+    if not sources:
+        return Decision("none", "idle checks disabled", None, lifetime_deadline)
+    last = last_activity(obs, policy, now)
+    idle = max(0.0, now - last)
+    deadline = last + policy.idle_timeout
+    if lifetime_deadline is not None:
+        deadline = min(deadline, lifetime_deadline)
+    if idle < policy.idle_timeout:
+        return Decision("none", f"active {format_duration(int(idle))} ago", idle, deadline)
+    if obs.deploy_lock_since is not None:
+        lock_deadline = obs.deploy_lock_since + policy.deploy_timeout
+        if now < lock_deadline:
+            return Decision("none", "idle, but a deploy is in progress", idle,
+                            min(lock_deadline, lifetime_deadline or lock_deadline))
+    return Decision("stop", f"idle for {format_duration(int(idle))} "
+                            f"(timeout {format_duration(policy.idle_timeout)})", idle, deadline)
+
+
+def last_activity(obs: Observation, policy: IdlePolicy, now: float) -> float:
+    """The newest activity among the enabled sources this host may claim.
+
+    A host is never idle sooner than idle_timeout after it entered its
+    current state (state_since, signed), so activity from before a restart
+    cannot stop a fresh host. Reported timestamps count only on a trusted
+    host or with trust_reported, and never later than now.
+    """
+    sources = policy.activity_sources
+    times = [obs.state_since]
+    if "create" in sources:
+        times += [t for t in (obs.signed_created_at, obs.certified_created_at) if t is not None]
+    if "boot" in sources and obs.certified_boot_time is not None:
+        times.append(obs.certified_boot_time)
+    if "process" in sources and obs.process_alive:
+        times.append(now)
+    if policy.trust == "trusted" or policy.trust_reported:
+        times += [min(t, now) for source, t in obs.reported if source in sources]
+    return min(max(times), now)
 
 
 # Signing and host-dir I/O ##################################################
