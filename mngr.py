@@ -405,10 +405,13 @@ class Observation:
 
 @dataclass(frozen=True)
 class Decision:
+    """What to do with a host, and why. cause: tampered, timeout, lifetime, idle or ''."""
+
     action: str
     reason: str
     idle_seconds: float | None = None
     deadline: float | None = None
+    cause: str = ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -432,14 +435,15 @@ def decide(observation: Observation, policy: IdlePolicy, now: float) -> Decision
     if not obs.exists and obs.state != "building":
         return Decision("none", "host does not exist")
     if obs.verify_error and obs.running:
-        return Decision("stop", f"tampered: {obs.verify_error}")
+        return Decision("stop", f"tampered: {obs.verify_error}", cause="tampered")
     if obs.state in TRANSITIONAL_TIMEOUTS:
         field_name, action = TRANSITIONAL_TIMEOUTS[obs.state]
         limit = getattr(policy, field_name)
         deadline = obs.state_since + limit
         if now >= deadline:
-            return Decision(action, f"{obs.state} for {format_duration(now - obs.state_since)}, "
-                                    f"past its {format_duration(limit)} timeout", None, deadline)
+            return Decision(action, f"{obs.state} for {format_duration(int(now - obs.state_since))}, "
+                                    f"past its {format_duration(limit)} timeout", None, deadline,
+                            "timeout")
         return Decision("none", f"{obs.state} (timeout {format_duration(limit)})", None, deadline)
     if not obs.running:
         return Decision("none", f"host is {obs.state}")
@@ -451,7 +455,7 @@ def decide(observation: Observation, policy: IdlePolicy, now: float) -> Decision
         lifetime_deadline = born + policy.max_lifetime
         if now >= lifetime_deadline:
             return Decision("stop", f"max lifetime {format_duration(policy.max_lifetime)} reached",
-                            None, lifetime_deadline)
+                            None, lifetime_deadline, "lifetime")
 
     sources = policy.activity_sources
     if not sources:
@@ -469,7 +473,7 @@ def decide(observation: Observation, policy: IdlePolicy, now: float) -> Decision
             return Decision("none", "idle, but a deploy is in progress", idle,
                             min(lock_deadline, lifetime_deadline or lock_deadline))
     return Decision("stop", f"idle for {format_duration(int(idle))} "
-                            f"(timeout {format_duration(policy.idle_timeout)})", idle, deadline)
+                            f"(timeout {format_duration(policy.idle_timeout)})", idle, deadline, "idle")
 
 
 def last_activity(obs: Observation, policy: IdlePolicy, now: float) -> float:
@@ -1046,6 +1050,13 @@ class HostView:
     agents: list = field(default_factory=list)
     reachable: bool = True
     error: str = ""
+    problems: list = field(default_factory=list)   # agent records that failed verification
+
+    @property
+    def verify_error(self) -> str:
+        if not self.verification.ok:
+            return f"host record: {self.verification.reason}"
+        return self.problems[0] if self.problems else ""
 
     @property
     def name(self) -> str:
@@ -1132,6 +1143,25 @@ def agent_state(record_pid: int, pane) -> str:
     if record_pid and pane.pane_pid != record_pid:
         return "replaced"
     return "running"
+
+
+def boot_time():
+    """This machine's boot time (epoch seconds) from /proc/stat, or None."""
+    try:
+        with open("/proc/stat") as handle:
+            for line in handle:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def mtime(path: Path):
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
 
 
 def read_status(agent_dir: Path) -> dict:
@@ -1454,6 +1484,7 @@ def _args_create(sp, Parser):
                          help="attach after creating (default when stdin is a terminal)")
     connect.add_argument("--no-connect", dest="connect", action="store_false",
                          help="do not attach after creating")
+    _add_policy_flags(sp)
 
 
 def _args_list(sp, Parser):
@@ -1533,6 +1564,139 @@ def _args_keys(sp, Parser):
                              help="drop the older keys once everything is re-signed")
 
 
+def parse_sources(text) -> frozenset:
+    items = text if isinstance(text, (list, tuple)) else [i for i in str(text).split(",") if i.strip()]
+    sources = frozenset(i.strip() for i in items)
+    unknown = sorted(sources - set(ACTIVITY_SOURCES))
+    if unknown:
+        raise UsageError(f"unknown activity source {', '.join(unknown)}",
+                         "known: " + ", ".join(ACTIVITY_SOURCES))
+    return sources
+
+
+def parse_source(text) -> str:
+    (source,) = parse_sources(text) or {""}
+    return source
+
+
+def parse_lifetime(text):
+    """A duration, or none/off for no cap."""
+    if isinstance(text, str) and text.strip().lower() in ("none", "off"):
+        return "none"
+    return parse_duration(text)
+
+
+def _add_policy_flags(sp) -> None:
+    import argparse
+
+    group = sp.add_argument_group("idle policy of the host (signed into its data.json)")
+    group.add_argument("--idle-mode", choices=tuple(IDLE_MODES),
+                       help="which activity keeps the host alive (see README)")
+    group.add_argument("--idle-timeout", type=parse_duration, metavar="DURATION",
+                       help="stop after this long without activity: 90, 30s, 5m, 1h, 2d")
+    group.add_argument("--activity-sources", type=parse_sources, metavar="LIST",
+                       help="exactly these sources, comma separated: " + ",".join(ACTIVITY_SOURCES))
+    group.add_argument("--add-activity-source", type=parse_source, action="append", default=[],
+                       metavar="SOURCE", help="add one source (repeatable)")
+    group.add_argument("--remove-activity-source", type=parse_source, action="append", default=[],
+                       metavar="SOURCE", help="remove one source (repeatable)")
+    group.add_argument("--max-lifetime", type=parse_lifetime, metavar="DURATION",
+                       help="hard cap from create or boot that no activity extends; none to remove")
+    group.add_argument("--trust", choices=TRUST_LEVELS,
+                       help="whether activity reported from inside the host is believed")
+    group.add_argument("--trust-reported", action=argparse.BooleanOptionalAction, default=None,
+                       help="believe reported activity even on an untrusted host")
+    for state in ("building", "starting", "stopping", "deploy"):
+        group.add_argument(f"--{state}-timeout", type=parse_duration, metavar="DURATION",
+                           help=f"how long a host may stay {state}" if state != "deploy"
+                           else "how long a deploy lock may defer an idle stop")
+    group.add_argument("--start-on-boot", action=argparse.BooleanOptionalAction, default=None,
+                       help="start the agent whenever its host boots")
+
+
+POLICY_FLAGS = ("idle_timeout", "trust", "trust_reported", "building_timeout",
+                "starting_timeout", "stopping_timeout", "deploy_timeout")
+
+
+def apply_policy_flags(policy: IdlePolicy, args) -> IdlePolicy:
+    """The policy with the command line's changes; unchanged when none were given."""
+    changes = {name: getattr(args, name) for name in POLICY_FLAGS if getattr(args, name) is not None}
+    if args.max_lifetime is not None:
+        changes["max_lifetime"] = None if args.max_lifetime == "none" else args.max_lifetime
+    if args.idle_mode and args.activity_sources is not None:
+        raise UsageError("both --idle-mode and --activity-sources given", "use one of them")
+    sources = policy.activity_sources
+    if args.idle_mode:
+        sources = IDLE_MODES[args.idle_mode]
+    if args.activity_sources is not None:
+        sources = args.activity_sources
+    sources = (sources | set(args.add_activity_source)) - set(args.remove_activity_source)
+    if sources != policy.activity_sources:
+        changes["activity_sources"] = frozenset(sources)
+    if changes.get("idle_timeout") == 0:
+        raise UsageError("--idle-timeout must be more than 0", "to never idle, use --idle-mode disabled")
+    return dataclasses.replace(policy, **changes) if changes else policy
+
+
+def default_policy(settings: dict, provider_name: str, trusted: bool) -> IdlePolicy:
+    """A new host's policy: local disabled and trusted, others io and untrusted;
+    then [policy] and [providers.NAME.policy] from settings."""
+    policy = IdlePolicy.for_mode("disabled" if trusted else "io",
+                                 trust="trusted" if trusted else "untrusted")
+    tables = [("[policy]", settings.get("policy") or {}),
+              (f"[providers.{provider_name}.policy]",
+               ((settings.get("providers") or {}).get(provider_name) or {}).get("policy") or {})]
+    for where, table in tables:
+        if not isinstance(table, dict):
+            raise ConfigError(f"settings: {where} must be a table")
+        data = policy.to_dict()
+        for key, value in table.items():
+            if key == "idle_mode":
+                if value not in IDLE_MODES:
+                    raise ConfigError(f"settings {where}: unknown idle_mode {value!r}",
+                                      "known: " + ", ".join(IDLE_MODES))
+                data["activity_sources"] = sorted(IDLE_MODES[value])
+            elif key in ("activity_sources",):
+                data[key] = sorted(parse_sources(value))
+            elif key in ("trust", "trust_reported"):
+                data[key] = value
+            elif key == "max_lifetime" or key == "idle_timeout" or key.endswith("_timeout"):
+                if key not in data:
+                    raise ConfigError(f"settings {where}: unknown key {key!r}")
+                data[key] = None if key == "max_lifetime" and value in ("none", "off") \
+                    else parse_duration(value)
+            else:
+                raise ConfigError(f"settings {where}: unknown key {key!r}",
+                                  "known: idle_mode, " + ", ".join(sorted(data)))
+        try:
+            policy = IdlePolicy.from_dict(data)
+        except ValueError as exc:
+            raise ConfigError(f"settings {where}: {exc}") from None
+    return policy
+
+
+def _args_enforce(sp, Parser):
+    import argparse
+
+    sp.add_argument("--dry-run", action="store_true", help="decide and report, change nothing")
+    sp.add_argument("--watch", type=parse_duration, metavar="SECONDS",
+                    help="run again every SECONDS until interrupted")
+    sp.add_argument("--check-idle", action=argparse.BooleanOptionalAction, default=True,
+                    help="stop idle hosts and hosts past max lifetime (default: on)")
+    sp.add_argument("--check-timeouts", action=argparse.BooleanOptionalAction, default=True,
+                    help="fail or force-stop hosts stuck in building, starting, stopping (default: on)")
+    sp.add_argument("--provider", action="append", default=[], metavar="NAME",
+                    help="only this provider instance (repeatable)")
+
+
+def _args_limit(sp, Parser):
+    _add_targets(sp)
+    sp.add_argument("--host", action="append", default=[], metavar="HOST",
+                    help="a host (name or id) instead of agents' hosts (repeatable)")
+    sp.add_argument("--dry-run", action="store_true", help="show the new policy, change nothing")
+    _add_policy_flags(sp)
+
+
 # name, aliases, one-line help, the function that adds its arguments
 COMMAND_TABLE = (
     ("create", ("c",), "create an agent and start it", _args_create),
@@ -1546,6 +1710,8 @@ COMMAND_TABLE = (
     ("destroy", ("rm",), "destroy agents", _args_destroy),
     ("config", (), "read and change settings", _args_config),
     ("keys", (), "the signing keys", _args_keys),
+    ("enforce", (), "stop idle and stuck hosts (run it from cron)", _args_enforce),
+    ("limit", ("lim",), "change the idle policy of agents' hosts", _args_limit),
 )
 
 
@@ -1699,9 +1865,11 @@ def age(timestamp, now) -> str:
     return f"{seconds}s"
 
 
-def agent_row(agent: AgentView, now: float) -> dict:
+def agent_row(agent: AgentView, now: float, judged=None) -> dict:
     record = agent.record
     host = agent.host
+    obs, decision = judged if judged else (None, None)
+    deadline = decision.deadline if decision else None
     return {
         "id": record.id,
         "name": record.name,
@@ -1712,17 +1880,24 @@ def agent_row(agent: AgentView, now: float) -> dict:
         "work_dir": record.work_dir,
         "work_mode": record.work_mode,
         "branch": record.branch,
+        "start_on_boot": record.start_on_boot,
         "created_at": iso(record.created_at),
         "age": age(record.created_at, now),
         "exit_status": agent.exit_status,
         "attached": agent.attached,
         "verified": agent.verification.ok,
-        "verify_error": agent.verification.reason,
         "host": host.name,
         "host_id": host.record.id if host.record else "",
         "provider": host.provider.name,
-        "host_state": host.record.lifecycle.state if host.record else "unknown",
+        "host_state": obs.state if obs else (host.record.lifecycle.state if host.record else "unknown"),
         "idle_mode": host.record.policy.idle_mode if host.record else "",
+        "idle_seconds": None if not decision or decision.idle_seconds is None
+        else int(decision.idle_seconds),
+        "idle": "-" if not decision or decision.idle_seconds is None
+        else age(now - decision.idle_seconds, now),
+        "deadline": iso(deadline) if deadline else None,
+        "stops_in": "-" if deadline is None else age(now, deadline) if deadline > now else "now",
+        "decision": decision.to_dict() if decision else None,
     }
 
 
@@ -1763,6 +1938,18 @@ def cmd_create(args, ctx) -> int:
     return EXIT_OK
 
 
+def host_decisions(ctx, hosts, now) -> dict:
+    """Host id -> (Observation, Decision), for list and enforce."""
+    result = {}
+    for host in hosts:
+        if host.record is None and not host.agents:
+            continue
+        obs = host.provider.observe(host, now)
+        policy = host.record.policy if host.record else host.provider.default_policy()
+        result[id(host)] = (obs, decide(obs, policy, now))
+    return result
+
+
 @command("list")
 def cmd_list(args, ctx) -> int:
     import fnmatch
@@ -1775,25 +1962,191 @@ def cmd_list(args, ctx) -> int:
             if not sep or not key:
                 raise UsageError(f"bad --{flag} {item!r}", "use FIELD=GLOB, e.g. state=running")
             filters.append((key, pattern, keep))
+    hosts = ctx.collect()
+    decisions = host_decisions(ctx, hosts, now)
     rows = []
-    for agent in ctx.agents():
-        row = agent_row(agent, now)
-        if args.running and agent.state != "running":
-            continue
-        if args.stopped and agent.state not in ("stopped", "done"):
-            continue
-        for key, pattern, keep in filters:
-            if key not in row:
-                raise UsageError(f"unknown field {key!r}", "fields: " + ", ".join(sorted(row)))
-            if fnmatch.fnmatchcase(str(row[key]), pattern) != keep:
-                break
-        else:
-            rows.append(row)
+    for host in hosts:
+        for agent in host.agents:
+            row = agent_row(agent, now, decisions.get(id(host)))
+            if args.running and agent.state != "running":
+                continue
+            if args.stopped and agent.state not in ("stopped", "done"):
+                continue
+            for key, pattern, keep in filters:
+                if key not in row:
+                    raise UsageError(f"unknown field {key!r}", "fields: " + ", ".join(sorted(row)))
+                if fnmatch.fnmatchcase(str(row[key]), pattern) != keep:
+                    break
+            else:
+                rows.append(row)
     rows.sort(key=lambda r: (r["provider"], r["host"], r["name"]))
     columns = [("name", "name"), ("state", "state"), ("type", "type"), ("host", "host"),
-               ("age", "age"), ("work dir", "work_dir")]
+               ("host state", "host_state"), ("idle mode", "idle_mode"), ("idle", "idle"),
+               ("stops in", "stops_in"), ("age", "age"), ("work dir", "work_dir")]
     emit(ctx, rows, lambda: table(rows, columns) or "no agents")
     return EXIT_OK
+
+
+def _host_target(ctx, hosts, name):
+    matches = [h for h in hosts if h.record and name in (h.record.name, h.record.id)]
+    if not matches:
+        raise NotFoundError(f"no host named {name}",
+                            "known hosts: " + (", ".join(h.name for h in hosts) or "none"))
+    return matches[0]
+
+
+@command("limit")
+def cmd_limit(args, ctx) -> int:
+    if args.host and (args.agents or args.all or args.stdin):
+        raise UsageError("give agents or --host, not both")
+    if args.host:
+        hosts = ctx.collect()
+        targets = {id(h): h for h in (_host_target(ctx, hosts, n) for n in args.host)}
+        agents = []
+        if args.start_on_boot is not None:
+            raise UsageError("--start-on-boot is per agent", "name the agents instead of --host")
+    else:
+        agents = ctx.resolve(args.agents, args.all, args.stdin)
+        targets = {id(a.host): a.host for a in agents}
+    rows = []
+    for host in targets.values():
+        if host.record is None:
+            raise TamperedStateError(f"host {host.name}'s record fails verification "
+                                     f"({host.verification.reason}); not re-signing it",
+                                     "inspect it, or run mngr enforce to stop the host")
+        new = apply_policy_flags(host.record.policy, args)
+        changed = new != host.record.policy
+        if changed and not args.dry_run:
+            host.provider.update_policy(host, new)
+        rows.append({"host": host.name, "host_id": host.record.id, "changed": changed,
+                     "dry_run": args.dry_run, "policy": new.to_dict()})
+    for agent in agents:
+        if args.start_on_boot is not None and agent.record.start_on_boot != args.start_on_boot \
+                and not args.dry_run:
+            agent.host.provider.update_agent(agent, start_on_boot=args.start_on_boot)
+
+    def human():
+        lines = []
+        for row in rows:
+            p = row["policy"]
+            verb = "would set" if args.dry_run else ("set" if row["changed"] else "unchanged")
+            lines.append(f"{row['host']}: {verb} idle_mode={p['idle_mode']} "
+                         f"sources={','.join(p['activity_sources']) or '-'} "
+                         f"idle_timeout={format_duration(p['idle_timeout'])} "
+                         f"max_lifetime={format_duration(p['max_lifetime'])} trust={p['trust']}")
+        return "\n".join(lines)
+    emit(ctx, rows, human)
+    return EXIT_OK
+
+
+ENFORCE_ACTIONS = {"stop": "stop_host", "mark_failed": "mark_failed", "force_stop": "force_stop_host"}
+
+
+@command("enforce")
+def cmd_enforce(args, ctx) -> int:
+    lock = user_dir(ctx.env) / "enforce.lock"
+    try:
+        with FileLock(lock, blocking=False):
+            while True:
+                code = enforce_once(args, ctx)
+                if not args.watch:
+                    return code
+                time.sleep(args.watch)
+    except BlockingIOError:
+        print(f"mngr: another mngr enforce is running (it holds {lock}); not acting twice",
+              file=sys.stderr)
+        return EXIT_OK
+
+
+def enforce_once(args, ctx) -> int:
+    """One pass over every host of every provider; returns the exit code."""
+    audit = user_dir(ctx.env) / "audit.jsonl"
+    rows, code = [], EXIT_OK
+    names = set(args.provider)
+    providers = ctx.providers()
+    unknown = names - {p.name for p in providers}
+    if unknown:
+        raise UsageError(f"no provider named {', '.join(sorted(unknown))}",
+                         "known: " + ", ".join(p.name for p in providers))
+    for provider in providers:
+        if names and provider.name not in names:
+            continue
+        try:
+            hosts = provider.collect()
+        except MngrError as exc:
+            row = {"provider": provider.name, "host": "", "action": "none", "result": "error",
+                   "error": f"could not list hosts: {exc.line()}"}
+            rows.append(row)
+            _audit(audit, row, args.dry_run)
+            code = max(code, EXIT_UNREACHABLE)
+            continue
+        for host in hosts:
+            row = enforce_host(args, host, audit)
+            if row["result"] == "error":
+                code = max(code, EXIT_UNREACHABLE if row.get("unreachable") else EXIT_ERROR)
+            rows.append(row)
+    ctx.versions.save()
+    shown = [r for r in rows if r["action"] != "none" or r["result"] == "error" or ctx.args.verbose]
+
+    def human():
+        return table([{**r, "why": r.get("error") or r.get("reason", "")} for r in shown],
+                     [("host", "host"), ("provider", "provider"), ("action", "action"),
+                      ("result", "result"), ("why", "why")]) or f"checked {len(rows)} hosts: nothing to do"
+    emit(ctx, rows, human)
+    return code
+
+
+def enforce_host(args, host, audit) -> dict:
+    """Decide for one host and, unless --dry-run, act after re-checking it."""
+    provider = host.provider
+    row = {"provider": provider.name, "host": host.name,
+           "host_id": host.record.id if host.record else "", "action": "none", "result": "ok"}
+    if not host.reachable:
+        row.update(result="error", unreachable=True, error=f"unreachable: {host.error}")
+        _audit(audit, row, args.dry_run)
+        return row
+    try:
+        now = time.time()
+        obs = provider.observe(host, now)
+        decision = _checked(decide(obs, _policy_of(host), now), args)
+        row.update(state=obs.state, **decision.to_dict())
+        if decision.action == "none":
+            return row
+        if args.dry_run:
+            row["result"] = "dry-run"
+            _audit(audit, row, True)
+            return row
+        fresh = provider.refresh(host)
+        if fresh is None:
+            row["result"] = "vanished"
+        else:
+            now = time.time()
+            again = _checked(decide(provider.observe(fresh, now), _policy_of(fresh), now), args)
+            if again.action != decision.action:
+                row.update(result="changed", reason=f"re-checked: {again.reason}")
+            else:
+                getattr(provider, ENFORCE_ACTIONS[again.action])(fresh)
+                row["result"] = "done"
+    except MngrError as exc:
+        row.update(result="error", error=exc.line(), unreachable=exc.exit_code == EXIT_UNREACHABLE)
+    _audit(audit, row, args.dry_run)
+    return row
+
+
+def _policy_of(host) -> IdlePolicy:
+    return host.record.policy if host.record else host.provider.default_policy()
+
+
+def _checked(decision: Decision, args) -> Decision:
+    """Drop the decisions that --no-check-idle or --no-check-timeouts turned off."""
+    if decision.cause in ("idle", "lifetime") and not args.check_idle \
+            or decision.cause == "timeout" and not args.check_timeouts:
+        return dataclasses.replace(decision, action="none", reason=f"{decision.reason} (not checked)")
+    return decision
+
+
+def _audit(path: Path, row: dict, dry_run: bool) -> None:
+    append_jsonl(path, {"at": time.time(), "dry_run": dry_run, **row})
 
 
 @command("connect")

@@ -28,6 +28,8 @@ class AgentPlan:
     branch: str
     base_branch: str
     env: dict
+    start_on_boot: bool = False
+    args: object = None
 
 
 class LocalProvider:
@@ -56,10 +58,53 @@ class LocalProvider:
         panes = self.tmux.panes() if agent_ids else {}
         for agent_id in agent_ids:
             agent, agent_check = store.read_agent(agent_id)
-            if agent is None:
+            if agent is None or (record and agent.host_id != record.id):
+                host.problems.append(f"agent {agent_id}: {agent_check.reason or 'wrong host'}")
                 continue
             host.agents.append(self._view(host, agent, agent_check, panes))
         return [host]
+
+    def refresh(self, host):
+        """The same host collected again, right before acting; None if it vanished."""
+        for fresh in self.collect():
+            if host.record is None or (fresh.record and fresh.record.id == host.record.id):
+                return fresh
+        return None
+
+    def default_policy(self) -> mngr.IdlePolicy:
+        return mngr.default_policy(self.ctx.settings, self.name, trusted=True)
+
+    def observe(self, host, now: float) -> mngr.Observation:
+        """Certified: the process table (tmux) and /proc/stat. The local host is
+        trusted, so its reported activity files count too when the policy says so."""
+        running = any(a.state in ("running", "replaced") for a in host.agents)
+        record = host.record
+        reported = []
+        for agent in host.agents:
+            agent_dir = self.host_dir.agent_dir(agent.record.id)
+            started = mngr.read_status(agent_dir).get("started_at")
+            if isinstance(started, (int, float)):
+                reported.append(("start", float(started)))
+            output = mngr.mtime(agent_dir / "logs" / "output.log")
+            if output is not None:
+                reported.append(("agent", output))
+        for source in ("user", "agent", "ssh"):
+            stamp = mngr.mtime(self.host_dir.activity / source)
+            if stamp is not None:
+                reported.append((source, stamp))
+        lock = mngr.mtime(self.host_dir.deploy_lock)
+        created = [a.record.created_at for a in host.agents]
+        return mngr.Observation(
+            exists=True, running=running,
+            state=mngr.derive_state(True, running, record.lifecycle.state if record else "running"),
+            state_since=record.lifecycle.since if record else now,
+            verify_error=host.verify_error,
+            certified_created_at=None,
+            certified_boot_time=mngr.boot_time(),
+            signed_created_at=max(created) if created else None,
+            process_alive=running,
+            reported=tuple(sorted(reported)),
+            deploy_lock_since=lock)
 
     def _agent_dirs(self) -> list:
         try:
@@ -122,7 +167,9 @@ class LocalProvider:
             raise mngr.UsageError("--base-branch and --new-branch need --worktree")
         if target is not None and target.exists():
             raise mngr.RefusedError(f"target {target} already exists", "give a new --target DIR")
-        return AgentPlan(name, agent_type, command, mode, source, target, branch, base, env)
+        mngr.apply_policy_flags(self.default_policy(), args)  # refuse bad policy flags now
+        return AgentPlan(name, agent_type, command, mode, source, target, branch, base, env,
+                         bool(args.start_on_boot), args)
 
     def create_agent(self, plan: AgentPlan):
         mngr.run(["tmux", "-V"], what="tmux")  # fail early and clearly when tmux is missing
@@ -131,6 +178,10 @@ class LocalProvider:
             with mngr.FileLock(self.host_dir.lock):
                 store = self.store()
                 host = self._ensure_host(store)
+                policy = mngr.apply_policy_flags(host.policy, plan.args)
+                if policy != host.policy:
+                    mngr.warn("the policy applies to the whole local host, all its agents included")
+                    host = replace(host, policy=policy)
                 for agent_id in host.agents:
                     other, _ = store.read_agent(agent_id)
                     if other is not None and other.name == plan.name:
@@ -147,7 +198,8 @@ class LocalProvider:
                     id=agent_id, name=plan.name, host_id=host.id, agent_type=plan.agent_type,
                     command=plan.command, session=self.ctx.prefix + plan.name,
                     work_dir=str(work_dir), work_mode=plan.work_mode, branch=plan.branch,
-                    source_dir=str(plan.source_dir), created_at=now)
+                    source_dir=str(plan.source_dir), start_on_boot=plan.start_on_boot,
+                    created_at=now)
                 store.write_agent(record)
                 new_host = replace(host, agents=host.agents + (agent_id,),
                                    version=store.next_version(host.id, host.version))
@@ -175,7 +227,7 @@ class LocalProvider:
         now = time.time()
         record = mngr.HostRecord(id=mngr.new_id(), name="local", provider=self.name,
                                  lifecycle=mngr.Lifecycle("running", now),
-                                 policy=mngr.IdlePolicy(), created_at=now)
+                                 policy=self.default_policy(), created_at=now)
         store.write_host(record)
         return record
 
@@ -300,7 +352,39 @@ class LocalProvider:
     # Hosts and keys --------------------------------------------------------
 
     def stop_host(self, host) -> None:
-        raise mngr.RefusedError("the local host cannot be stopped", "stop its agents: mngr stop NAME")
+        """The local machine itself never stops: stopping it stops its agents, every
+        session with mngr's prefix on mngr's socket (tampered records included)."""
+        for session in self.tmux.panes():
+            if session.startswith(self.ctx.prefix):
+                self.tmux.kill(session)
+        mngr.append_jsonl(self.host_dir.events / "mngr.jsonl",
+                          {"at": time.time(), "event": "host_agents_stopped"})
+
+    def mark_failed(self, host) -> None:
+        raise mngr.RefusedError("the local host is always running; it cannot fail")
+
+    force_stop_host = stop_host
+
+    def update_policy(self, host, policy: mngr.IdlePolicy) -> None:
+        with mngr.FileLock(self.host_dir.lock):
+            store = self.store()
+            record, check = store.read_host()
+            if record is None:
+                raise mngr.TamperedStateError(f"local host record fails verification ({check.reason})")
+            store.write_host(replace(record, policy=policy,
+                                     version=store.next_version(record.id, record.version)))
+            store.versions.save()
+
+    def update_agent(self, view, **changes) -> None:
+        with mngr.FileLock(self.host_dir.lock):
+            store = self.store()
+            record, check = store.read_agent(view.record.id)
+            if record is None:
+                raise mngr.TamperedStateError(f"agent {view.record.name}'s record fails verification "
+                                              f"({check.reason})")
+            store.write_agent(replace(record, version=store.next_version(record.id, record.version),
+                                      **changes))
+            store.versions.save()
 
     def destroy_host(self, host) -> None:
         raise mngr.RefusedError("the local host cannot be destroyed",
