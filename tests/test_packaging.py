@@ -74,7 +74,8 @@ def test_python_dash_m_from_a_checkout(tmp_path):
 
 
 def test_pip_install_gives_a_script_and_the_provider_entry_point(tmp_path):
-    need(subprocess.run([sys.executable, "-c", "import setuptools"]).returncode == 0, "setuptools")
+    need(subprocess.run([sys.executable, "-c", "import setuptools, wheel"]).returncode == 0,
+         "setuptools and wheel (make test puts them in .venv)")
     target = tmp_path / "site"
     build = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                             "--no-build-isolation", "--no-index", "--target", str(target), str(REPO)],
