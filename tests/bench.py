@@ -36,6 +36,44 @@ def report(name, value, limit, unit="x") -> None:
     print(f"{name:<48} {value:8.2f}{unit}  (target <= {limit:g}{unit})  {'ok' if ok else 'MISSED'}")
 
 
+def bench_decide() -> None:
+    sys.path.insert(0, str(REPO))
+    import mngr
+
+    policy = mngr.IdlePolicy.for_mode("io", idle_timeout=600, trust="untrusted", max_lifetime=86400)
+    obs = mngr.Observation(True, True, "running", 1000.0, certified_created_at=1000.0,
+                           certified_boot_time=1000.0, signed_created_at=1000.0,
+                           reported=(("agent", 5000.0), ("user", 4000.0)))
+    decide, count, rates = mngr.decide, 200_000, []
+    for _ in range(5):
+        start = time.perf_counter()
+        for i in range(count):
+            decide(obs, policy, 2000.0 + (i & 1023))
+        rates.append(count / (time.perf_counter() - start))
+    rate = statistics.median(rates)
+    ok = rate >= 500_000
+    RESULTS.append(ok)
+    print(f"{'decide() per second':<48} {rate:10,.0f}  (target >= 500,000)  {'ok' if ok else 'MISSED'}")
+
+
+def bench_enforce(env, home) -> None:
+    """enforce --dry-run over a synthetic provider: the per-host cost must be small and flat."""
+    config = home / ".config" / "mngr"
+    config.mkdir(parents=True, exist_ok=True)
+    env = {**env, "PYTHONPATH": str(REPO / "tests" / "synthetic")}
+    totals = {}
+    for hosts in (10, 100, 1000, 10000):
+        (config / "settings.toml").write_text(
+            f'[providers.syn]\nbackend = "synthetic"\nhosts = {hosts}\n')
+        totals[hosts] = timed([PY, str(REPO / "mngr.py"), "enforce", "--dry-run", "--provider", "syn",
+                               "--json"], env, runs=5)
+    per_host = {n: (totals[n] - totals[10]) / (n - 10) * 1000 for n in (100, 1000, 10000)}
+    for n, cost in per_host.items():
+        report(f"enforce --dry-run, ms per host ({n} hosts)", cost, 1.0, "ms")
+    spread = max(per_host.values()) / min(per_host.values())
+    report("enforce per-host cost, max/min over 100..10000", spread, 1.5)
+
+
 def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="mngr-bench-"))
     tmux_dir = Path(tempfile.mkdtemp(prefix="mb", dir="/tmp"))
@@ -54,6 +92,8 @@ def main() -> int:
                            env=env, cwd=work, check=True, stdout=subprocess.DEVNULL)
         listed = timed([PY, str(REPO / "mngr.py"), "list", "--json"], env, runs=10)
         report("mngr list --json, 100 agents / baseline", listed / baseline, 3.0)
+        bench_decide()
+        bench_enforce(env, home)
     finally:
         subprocess.run(["tmux", "-L", "mngr-bench", "kill-server"], env=env,
                        stderr=subprocess.DEVNULL)
