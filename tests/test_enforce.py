@@ -175,3 +175,28 @@ def test_second_enforce_waits_for_nobody(mngr_cli):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_host_that_vanishes_before_acting_is_left_alone(mngr_cli, tmp_path):
+    calls = tmp_path / "calls.jsonl"
+    env = synthetic_settings(mngr_cli, hosts=4, calls=str(calls), vanish=True)
+    result = enforce(mngr_cli, "--provider", "syn", env=env)
+    assert result.code == 0
+    assert sorted(r["result"] for r in json.loads(result.out)) == ["ok", "ok", "vanished", "vanished"]
+    assert not calls.exists()
+
+
+def test_watch_keeps_enforcing(mngr_cli):
+    mngr_cli.ok("create", "first", "--agent-cmd", "sleep 600", "--idle-mode", "create",
+                "--idle-timeout", "1s")
+    watcher = subprocess.Popen([sys.executable, str(REPO / "mngr.py"), "enforce", "--watch", "1"],
+                               cwd=mngr_cli.work, env=mngr_cli.env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: agents(mngr_cli)["first"]["state"] == "stopped", timeout=15)
+        mngr_cli.ok("start", "first")  # started again: stopped again on a later round
+        assert wait_for(lambda: agents(mngr_cli)["first"]["state"] == "stopped", timeout=15)
+        assert len([e for e in audit(mngr_cli) if e["result"] == "done"]) == 2
+    finally:
+        watcher.terminate()
+        watcher.wait(timeout=10)

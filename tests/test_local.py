@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
+from conftest import REPO, wait_for
 
 ECHO_AGENT = 'while read -r l; do echo "heard: $l"; done'
 
@@ -309,3 +310,23 @@ def test_destroy_asks_for_confirmation(mngr_cli):
     result = mngr_cli("destroy", "ask")  # stdin is not a terminal: refuse, never guess
     assert result.code == 1 and "without confirmation" in result.err
     assert "ask" in agents(mngr_cli)
+
+
+def test_connect_attaches_a_terminal_and_starts_a_stopped_agent(mngr_cli):
+    mngr_cli.ok("create", "talk", "--agent-cmd", "sleep 600")
+    mngr_cli.ok("stop", "talk")
+    refused = mngr_cli("connect", "--no-start", "talk")
+    assert refused.code == 1 and "is stopped" in refused.err
+    outer = f"{mngr_cli.socket}-outer"  # a terminal of our own: a pane on another tmux server
+    command = " ".join([sys.executable, str(REPO / "mngr.py"), "connect", "talk"])
+    subprocess.run(["tmux", "-L", outer, "new-session", "-d", "-x", "80", "-y", "24", command],
+                   env=mngr_cli.env, cwd=mngr_cli.work, check=True)
+    try:
+        clients = lambda: mngr_cli.tmux("list-clients", "-t", "=mngr-talk").stdout.strip()
+        assert wait_for(clients)
+        assert agents(mngr_cli)["talk"]["state"] == "running"
+        assert agents(mngr_cli)["talk"]["attached"] is True
+        mngr_cli.tmux("detach-client", "-s", "=mngr-talk")
+        assert wait_for(lambda: not clients())
+    finally:
+        subprocess.run(["tmux", "-L", outer, "kill-server"], env=mngr_cli.env)

@@ -3,7 +3,8 @@
 Found through its entry point (this dir holds a dist-info) when the dir is on
 PYTHONPATH. Settings: [providers.NAME] backend = "synthetic", hosts = N,
 calls = "/path/to/log" (every mutating call is appended there),
-fail = true (listing fails, as an unreachable provider would).
+fail = true (listing fails, as an unreachable provider would), vanish = true
+(every host is gone by the time enforce re-checks it).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class SyntheticProvider:
         self.count = int(conf.get("hosts", 10))
         self.calls = conf.get("calls")
         self.fail = bool(conf.get("fail", False))
+        self.vanish = bool(conf.get("vanish", False))
         self.born = time.time() - 3600
 
     def collect(self):
@@ -46,7 +48,7 @@ class SyntheticProvider:
                                 reported=(("agent", now),))
 
     def refresh(self, host):
-        return host
+        return None if self.vanish else host
 
     def default_policy(self):
         return POLICY
