@@ -116,10 +116,6 @@ class RefusedError(MngrError):
     pass
 
 
-class PartialFailure(MngrError):
-    exit_code = EXIT_PARTIAL
-
-
 # Model #####################################################################
 
 HOST_STATES = ("building", "starting", "running", "stopping", "stopped", "failed", "destroyed")
@@ -908,7 +904,7 @@ def load_settings(env, cwd: Path) -> dict:
     return settings
 
 
-def load_keyring(env, create: bool = True) -> Keyring:
+def load_keyring(env) -> Keyring:
     """The controller's keyring; made (0600) on first use."""
     path = config_dir(env) / "keys.json"
     try:
@@ -916,8 +912,6 @@ def load_keyring(env, create: bool = True) -> Keyring:
     except (ValueError, OSError) as exc:
         raise ConfigError(f"cannot read keyring {path}: {exc}", "restore it from a backup") from None
     if data is None:
-        if not create:
-            raise ConfigError(f"no keyring at {path}", "run any mngr command to create one")
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with FileLock(path.with_name(".keys.lock")):
             data = read_json(path)
@@ -1227,7 +1221,7 @@ def resolve_agent_command(settings: dict, type_name, agent_cmd, extra_args, whic
         if which(program) is None:
             if name in BUILTIN_AGENT_TYPES:
                 raise ToolMissingError(f"{program} not found on PATH",
-                                       f"install it, or run another agent: --agent-cmd 'CMD'")
+                                       "install it, or run another agent: --agent-cmd 'CMD'")
             raise UsageError(f"unknown agent type {type_name!r}", _known_types_hint(custom))
         command = shlex.quote(program)
     if command is None:
@@ -1440,18 +1434,15 @@ class Context:
         return chosen
 
 
-class _Parser:
-    """argparse, with errors that are one line and exit 2."""
+def _parser_class():
+    """argparse's parser, with errors that are one line and exit 2."""
+    import argparse
 
-    @staticmethod
-    def make():
-        import argparse
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError(message, f"see '{self.prog} --help'")
 
-        class Parser(argparse.ArgumentParser):
-            def error(self, message):
-                raise UsageError(message, f"see '{self.prog} --help'")
-
-        return argparse, Parser
+    return Parser
 
 
 def _add_output_flags(parser) -> None:
@@ -1734,7 +1725,7 @@ COMMAND_TABLE = (
 def build_parser(only=None):
     """The CLI parser; given ``only`` (a command or ""), the other commands get no
     arguments, so start-up does not pay for what this run will not parse."""
-    _argparse, Parser = _Parser.make()
+    Parser = _parser_class()
     parser = Parser(prog="mngr", description="Run AI coding agents in tmux sessions on hosts, "
                     "and stop idle hosts.")
     parser.add_argument("--version", action="version", version=f"mngr {__version__}")
@@ -1934,10 +1925,6 @@ def run_on_targets(ctx, agents, action, verb: str) -> int:
     if failed and done:
         return EXIT_PARTIAL
     return EXIT_ERROR if failed else EXIT_OK
-
-
-def host_provider(ctx, agent: AgentView):
-    return agent.host.provider
 
 
 @command("create")
@@ -2157,7 +2144,7 @@ def _checked(decision: Decision, args) -> Decision:
     """Drop the decisions that --no-check-idle or --no-check-timeouts turned off."""
     if decision.cause in ("idle", "lifetime") and not args.check_idle \
             or decision.cause == "timeout" and not args.check_timeouts:
-        return dataclasses.replace(decision, action="none", reason=f"{decision.reason} (not checked)")
+        return decision._replace(action="none", reason=f"{decision.reason} (not checked)")
     return decision
 
 
@@ -2168,7 +2155,7 @@ def _audit(path: Path, row: dict, dry_run: bool) -> None:
 @command("connect")
 def cmd_connect(args, ctx) -> int:
     (agent,) = ctx.resolve([args.agent])[:1]
-    provider = host_provider(ctx, agent)
+    provider = agent.host.provider
     if agent.state != "running":
         if args.no_start:
             raise RefusedError(f"agent {agent.record.name} is {agent.state}",
@@ -2191,7 +2178,7 @@ def cmd_message(args, ctx) -> int:
     def send(agent):
         if agent.state != "running":
             raise RefusedError(f"agent is {agent.state}", f"start it: mngr start {agent.record.name}")
-        host_provider(ctx, agent).send_message(agent, text)
+        agent.host.provider.send_message(agent, text)
         return "sent to"
     return run_on_targets(ctx, agents, send, "sent to")
 
@@ -2202,13 +2189,13 @@ def cmd_exec(args, ctx) -> int:
     if not words:
         raise UsageError("no command given", f"e.g. mngr exec {args.agent} -- git status")
     (agent,) = ctx.resolve([args.agent])[:1]
-    return host_provider(ctx, agent).exec_in(agent, " ".join(words), args.timeout)
+    return agent.host.provider.exec_in(agent, " ".join(words), args.timeout)
 
 
 @command("logs")
 def cmd_logs(args, ctx) -> int:
     (agent,) = ctx.resolve([args.agent])[:1]
-    text = host_provider(ctx, agent).output(agent, args.lines)
+    text = agent.host.provider.output(agent, args.lines)
     emit(ctx, {"name": agent.record.name, "state": agent.state, "output": text}, text.rstrip("\n"))
     return EXIT_OK
 
@@ -2220,7 +2207,7 @@ def cmd_stop(args, ctx) -> int:
     def stop(agent):
         if agent.state == "stopped":
             return "already stopped:"
-        host_provider(ctx, agent).stop_agent(agent)
+        agent.host.provider.stop_agent(agent)
         return "stopped"
     return run_on_targets(ctx, agents, stop, "stopped")
 
@@ -2232,7 +2219,7 @@ def cmd_start(args, ctx) -> int:
     def start(agent):
         if agent.state == "running":
             return "already running:"
-        host_provider(ctx, agent).start_agent(agent)
+        agent.host.provider.start_agent(agent)
         return "started"
     return run_on_targets(ctx, agents, start, "started")
 
@@ -2255,7 +2242,7 @@ def cmd_destroy(args, ctx) -> int:
             return EXIT_ERROR
 
     def destroy(agent):
-        host_provider(ctx, agent).destroy_agent(agent, remove_work=args.remove_branch,
+        agent.host.provider.destroy_agent(agent, remove_work=args.remove_branch,
                                                 discard_changes=args.discard_changes)
         return "destroyed"
     return run_on_targets(ctx, agents, destroy, "destroyed")
@@ -2376,7 +2363,7 @@ def cmd_keys(args, ctx) -> int:
                                              ("signing", "signing")]))
         return EXIT_OK
     path = config_dir(ctx.env) / "keys.json"
-    ctx.keyring  # make sure a keyring exists
+    load_keyring(ctx.env)  # made on first use, so there is one to add to
     with FileLock(path.with_name(".keys.lock")):
         data = read_json(path)
         data["keys"].append(_new_key_entry())

@@ -386,10 +386,6 @@ class LocalProvider:
                                       **changes))
             store.versions.save()
 
-    def destroy_host(self, host) -> None:
-        raise mngr.RefusedError("the local host cannot be destroyed",
-                                "destroy its agents: mngr destroy NAME")
-
     def resign(self, keyring) -> int:
         """Re-sign the local records with the newest key; returns how many."""
         if not self.host_dir.data.exists():
