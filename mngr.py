@@ -429,7 +429,7 @@ def decide(observation: Observation, policy: IdlePolicy, now: float) -> Decision
     information); a tampered record stops a running host; a transitional
     state past its timeout fails or is forced stopped; a host that is not
     running needs nothing; max_lifetime always wins; then idleness, which a
-    live deploy lock defers.
+    live deploy lock defers (where reported data is believed).
     """
     obs = observation
     if not obs.exists and obs.state != "building":
@@ -463,29 +463,34 @@ def decide(observation: Observation, policy: IdlePolicy, now: float) -> Decision
     sources = policy.activity_sources
     if not sources:
         return Decision("none", "idle checks disabled", None, lifetime_deadline)
-    last = last_activity(obs, policy, now)
+    believe_reported = policy.trust == "trusted" or policy.trust_reported
+    last = last_activity(obs, policy, now, believe_reported)
     idle = max(0.0, now - last)
     deadline = last + policy.idle_timeout
+    # the deploy lock lives in the host dir: reported, so believed only like activity
+    lock_deadline = None
+    if obs.deploy_lock_since is not None and believe_reported:
+        lock_deadline = min(obs.deploy_lock_since, now) + policy.deploy_timeout
+        deadline = max(deadline, lock_deadline)
     if lifetime_deadline is not None:
         deadline = min(deadline, lifetime_deadline)
     if idle < policy.idle_timeout:
         return Decision("none", f"active {int(idle)}s ago", idle, deadline)
-    if obs.deploy_lock_since is not None:
-        lock_deadline = obs.deploy_lock_since + policy.deploy_timeout
-        if now < lock_deadline:
-            return Decision("none", "idle, but a deploy is in progress", idle,
-                            min(lock_deadline, lifetime_deadline or lock_deadline))
+    if lock_deadline is not None and now < lock_deadline:
+        return Decision("none", "idle, but a deploy is in progress", idle, deadline)
     return Decision("stop", f"idle for {int(idle)}s (timeout {policy.idle_timeout}s)",
                     idle, deadline, "idle")
 
 
-def last_activity(obs: Observation, policy: IdlePolicy, now: float) -> float:
+def last_activity(obs: Observation, policy: IdlePolicy, now: float,
+                  believe_reported: bool) -> float:
     """The newest activity among the enabled sources this host may claim.
 
     A host is never idle sooner than idle_timeout after it entered its
     current state (state_since, signed), so activity from before a restart
     cannot stop a fresh host. Reported timestamps count only on a trusted
-    host or with trust_reported, and never later than now.
+    host or with trust_reported, only for the sources a host can report
+    (never create, boot or process), and never later than now.
     """
     sources = policy.activity_sources
     last = obs.state_since
@@ -497,9 +502,9 @@ def last_activity(obs: Observation, policy: IdlePolicy, now: float) -> float:
         last = obs.certified_boot_time
     if "process" in sources and obs.process_alive:
         return now
-    if policy.trust == "trusted" or policy.trust_reported:
+    if believe_reported:
         for source, stamp in obs.reported:
-            if stamp > last and source in sources:
+            if stamp > last and source in sources and source in REPORTED_SOURCES:
                 last = stamp
     return now if last > now else last
 
@@ -713,42 +718,35 @@ class FileLock:
         self.blocking = blocking
         self.fd = None
 
-    def __enter__(self):
+    def acquire(self) -> bool:
+        """Take the lock; False (non-blocking only) when someone else holds it."""
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.blocking else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.blocking else fcntl.LOCK_NB))
         except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-            raise
+
+    def __enter__(self):
+        if not self.acquire():
+            raise BlockingIOError(f"{self.path} is locked")
         return self
 
     def __exit__(self, *exc):
-        os.close(self.fd)
-        self.fd = None
+        self.release()
 
 
-# In-host commands ##########################################################
-
-
-def host_main(argv) -> int:
-    """Commands that run inside a host from the copied-in file."""
-    if argv and argv[0] == "host-info":
-        host_dir = HostDir(os.environ.get(ENV_HOST_DIR) or Path.home() / ".mngr")
-        try:
-            document = read_json(host_dir.data)
-        except ValueError:
-            document = "malformed"
-        print(json.dumps({"version": __version__, "python": sys.version.split()[0],
-                          "host_dir": str(host_dir.root), "data": document}))
-        return EXIT_OK
-    return EXIT_USAGE
-
-
-# Subprocess, settings, providers ###########################################
+# Subprocess ################################################################
 
 _VERBOSITY = [0]
 
@@ -818,6 +816,22 @@ def run(argv, *, timeout=SUBPROCESS_TIMEOUT, check=True, capture=True, input=Non
     return result
 
 
+def spawn(argv, *, log_path: Path, env=None, cwd=None) -> int:
+    """Start a detached background process (no terminal, its own session); its pid."""
+    import subprocess
+
+    argv = [str(a) for a in argv]
+    log(1, "spawn: " + " ".join(_shell_quote(a) for a in argv))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as output:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                                    env=env, cwd=cwd, start_new_session=True, close_fds=True)
+        except FileNotFoundError:
+            raise ToolMissingError(f"{argv[0]} not found on PATH", _install_hint(argv[0])) from None
+    return proc.pid
+
+
 def _install_hint(tool: str) -> str:
     packages = {"tmux": "tmux", "git": "git", "docker": "docker.io", "ssh": "openssh-client"}
     if tool in packages:
@@ -829,6 +843,443 @@ def _shell_quote(text: str) -> str:
     import shlex
 
     return shlex.quote(text)
+
+
+# Tmux agents ###############################################################
+
+
+@dataclass(frozen=True)
+class PaneInfo:
+    """Pane 0.0 of an agent's session, as tmux reports it."""
+
+    session: str
+    pane_pid: int
+    dead: bool
+    dead_status: int | None
+    attached: bool
+    window_activity: float | None = None    # last output in the window
+    client_activity: float | None = None    # last input from an attached client
+
+
+@dataclass(frozen=True)
+class AgentView:
+    """An agent as seen now: its record plus its observed (reported) state."""
+
+    record: AgentRecord
+    host: "HostView"
+    state: str
+    verification: Verification
+    exit_status: int | None = None
+    attached: bool = False
+
+
+@dataclass
+class HostView:
+    """A host as collected from its provider, with its agents."""
+
+    provider: object
+    record: HostRecord | None
+    verification: Verification
+    agents: list = field(default_factory=list)
+    reachable: bool = True
+    error: str = ""
+    problems: list = field(default_factory=list)   # agent records that failed verification
+
+    @property
+    def verify_error(self) -> str:
+        if not self.verification.ok:
+            return f"host record: {self.verification.reason}"
+        return self.problems[0] if self.problems else ""
+
+    @property
+    def name(self) -> str:
+        return self.record.name if self.record else "?"
+
+
+class Tmux:
+    """tmux on one host, on mngr's own socket so users' tmux never collides."""
+
+    PANE_FORMAT = "\t".join(["P", "#{session_name}", "#{window_index}", "#{pane_index}",
+                             "#{pane_pid}", "#{pane_dead}", "#{pane_dead_status}",
+                             "#{session_attached}", "#{window_activity}"])
+    CLIENT_FORMAT = "\t".join(["C", "#{client_session}", "#{client_activity}"])
+
+    def __init__(self, socket: str, runner=None):
+        self.socket = socket
+        self.runner = runner or run
+
+    def call(self, *args, **kwargs):
+        return self.runner(["tmux", "-L", self.socket, *args], what=f"tmux {args[0]}", **kwargs)
+
+    def panes(self) -> dict:
+        """Pane 0 of window 0 of every session, with its window's last output and
+        its clients' last input, in one call: {session: PaneInfo, or None when
+        the session has no pane 0.0}."""
+        result = self.call("list-panes", "-a", "-F", self.PANE_FORMAT, ";",
+                           "list-clients", "-F", self.CLIENT_FORMAT, check=False)
+        if result.returncode != 0:
+            if "no server running" in result.stderr or "error connecting" in result.stderr:
+                return {}
+            raise CommandFailedError(f"tmux list-panes failed: {result.stderr.strip()}",
+                                     detail=result.stderr)
+        panes, clients = {}, {}
+        for line in result.stdout.splitlines():
+            parts = line.split("\t")
+            if parts[0] == "C" and len(parts) == 3 and parts[2].isdigit():
+                clients[parts[1]] = max(clients.get(parts[1], 0.0), float(parts[2]))
+            if parts[0] != "P" or len(parts) != 9:
+                continue
+            _, session, window, pane, pid, dead, status, attached, activity = parts
+            if window != "0" or pane != "0":
+                panes.setdefault(session, None)
+                continue
+            panes[session] = PaneInfo(session, int(pid or 0), dead == "1",
+                                      int(status) if status.isdigit() else None,
+                                      attached not in ("", "0"),
+                                      float(activity) if activity.isdigit() else None)
+        return {session: (dataclasses.replace(pane, client_activity=clients.get(session))
+                          if pane is not None and session in clients else pane)
+                for session, pane in panes.items()}
+
+    def start(self, session: str, command: str, work_dir: str, env: dict, log_path: Path) -> int:
+        args = ["set-option", "-g", "remain-on-exit", "on", ";",
+                "new-session", "-d", "-P", "-F", "#{pane_pid}", "-s", session,
+                "-x", "200", "-y", "50", "-c", work_dir]
+        for key, value in sorted(env.items()):
+            args += ["-e", f"{key}={value}"]
+        args += [command, ";", "pipe-pane", "-t", f"={session}:0.0",
+                 f"cat >> {_shell_quote(str(log_path))}"]
+        result = self.call(*args)
+        pid = result.stdout.strip().splitlines()[0] if result.stdout.strip() else "0"
+        return int(pid) if pid.isdigit() else 0
+
+    def kill(self, session: str) -> None:
+        result = self.call("kill-session", "-t", f"={session}", check=False)
+        if result.returncode != 0 and "can't find session" not in result.stderr \
+                and "no server running" not in result.stderr \
+                and "error connecting" not in result.stderr:
+            raise CommandFailedError(f"tmux kill-session failed: {result.stderr.strip()}")
+
+    def send(self, session: str, text: str) -> None:
+        target = f"={session}:0.0"
+        self.call("send-keys", "-t", target, "-l", text, ";", "send-keys", "-t", target, "Enter")
+
+    def capture(self, session: str, lines: int) -> str:
+        return self.call("capture-pane", "-p", "-J", "-t", f"={session}:0.0",
+                         "-S", str(-lines)).stdout
+
+    def attach_argv(self, session: str) -> list:
+        return ["tmux", "-L", self.socket, "attach-session", "-t", f"={session}"]
+
+
+def agent_state(record_pid: int, pane) -> str:
+    """running / done / replaced / stopped, from pane 0 of the agent's session."""
+    if pane is False:
+        return "stopped"
+    if pane is None:
+        return "replaced"
+    if pane.dead:
+        return "done"
+    if record_pid and pane.pane_pid != record_pid:
+        return "replaced"
+    return "running"
+
+
+def boot_time():
+    """This machine's boot time (epoch seconds) from /proc/stat, or None."""
+    try:
+        with open("/proc/stat") as handle:
+            for line in handle:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def mtime(path: Path):
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
+
+
+def read_status(agent_dir: Path) -> dict:
+    try:
+        status = read_json(agent_dir / "status")
+    except (ValueError, OSError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+# In-host: script hooks, the deploy lock, the idle watcher ##################
+
+HOOK_TIMEOUT = 60.0
+WATCH_INTERVAL = 10.0
+STOP_MODES = ("agents",)          # how the watcher stops its host; providers add theirs
+HOST_COMMANDS = ("watch", "run-hooks", "host-info")
+EXIT_NO_PYTHON = 3                # the sentinel of the controller's python3 probe
+
+
+def run_hooks(directory: Path, log_path: Path, moment: str, env=None,
+              timeout: float = HOOK_TIMEOUT) -> list:
+    """Run the executable files of a hooks dir in name order, each bounded by a
+    timeout; log each run. A failing hook is logged and never stops the rest."""
+    try:
+        hooks = sorted(p for p in Path(directory).iterdir()
+                       if p.is_file() and os.access(p, os.X_OK))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    events = []
+    for hook in hooks:
+        started = time.time()
+        event = {"at": started, "event": "hook", "moment": moment, "hook": hook.name}
+        try:
+            result = run([str(hook)], timeout=timeout, check=False, cwd=str(directory),
+                         env=env, what=f"{moment} hook {hook.name}")
+            event["exit_code"] = result.returncode
+            if result.returncode:
+                event["stderr"] = result.stderr[-500:]
+        except MngrError as exc:
+            event.update(exit_code=None, error=exc.line())
+        event["duration"] = round(time.time() - started, 3)
+        append_jsonl(log_path, event)
+        events.append(event)
+    return events
+
+
+def deploy_lock_since(host_dir: HostDir):
+    """When the oldest deploy still holding the lock began, or None (no deploy).
+
+    deploy_lock/ exists empty at rest; a controller deploying puts a file in
+    it; the watcher takes the lock by removing the empty dir."""
+    try:
+        stamps = [mtime(p) for p in host_dir.deploy_lock.iterdir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    stamps = [t for t in stamps if t is not None]
+    return min(stamps) if stamps else None
+
+
+def ssh_session_open() -> bool:
+    """Whether an interactive SSH session is open here (an sshd serving a pts)."""
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return False
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                cmdline = handle.read(200)
+        except OSError:
+            continue
+        if cmdline.startswith(b"sshd:") and b"@pts/" in cmdline:
+            return True
+    return False
+
+
+class Watcher:
+    """The in-host idle watcher: `python3 $MNGR_HOST_DIR/bin/mngr.py watch`.
+
+    It is a convenience, not the guard: code in the host can kill it, and
+    `mngr enforce` outside is the backstop. It reads the policy from data.json
+    without verifying it (it has no key), gathers activity itself, and asks
+    the same decide() as enforce.
+    """
+
+    def __init__(self, host_dir: HostDir, socket: str, interval: float, on_stop: str,
+                 boot_time=None):
+        self.host_dir = host_dir
+        self.tmux = Tmux(socket)
+        self.interval = interval
+        self.on_stop = on_stop
+        # the host's boot as its provider knows it; on the local host, the watcher's start
+        self.boot = time.time() if boot_time is None else boot_time
+        self.stopping = False
+        self.log_path = host_dir.events / "watcher.jsonl"
+
+    def log(self, event: str, **fields) -> None:
+        append_jsonl(self.log_path, {"at": time.time(), "event": event, **fields})
+
+    def agents(self, payload: dict) -> list:
+        """The host's agent records, read without verification (no key in here)."""
+        agents = []
+        for agent_id in payload.get("agents") or ():
+            try:
+                document = read_json(self.host_dir.agent_dir(str(agent_id)) / "data.json")
+                agents.append(AgentRecord.from_dict(document["payload"]))
+            except (ValueError, KeyError, TypeError, OSError):
+                continue
+        return agents
+
+    def observe(self, now: float):
+        """(policy, observation, live agent sessions) from what this host shows."""
+        document = read_json(self.host_dir.data)
+        if not isinstance(document, dict) or not isinstance(document.get("payload"), dict):
+            raise ValueError("data.json is missing or malformed")
+        payload = document["payload"]
+        policy = IdlePolicy.from_dict(payload.get("policy") or {})
+        agents = self.agents(payload)
+        panes = self.tmux.panes()
+        reported, live = [], []
+        for agent in agents:
+            pane = panes.get(agent.session)
+            if pane and not pane.dead:
+                live.append(agent.session)
+            if pane and pane.window_activity:
+                reported.append(("agent", pane.window_activity))
+            if pane and pane.client_activity:
+                reported.append(("user", pane.client_activity))
+            started = read_status(self.host_dir.agent_dir(agent.id)).get("started_at")
+            if isinstance(started, (int, float)):
+                reported.append(("start", float(started)))
+        if ssh_session_open():
+            touch(self.host_dir.activity / "ssh")
+        for source in ("agent", "user", "ssh"):
+            stamp = mtime(self.host_dir.activity / source)
+            if stamp is not None:
+                reported.append((source, stamp))
+        created = [a.created_at for a in agents]
+        state = str(payload.get("state", "running"))
+        observation = Observation(
+            exists=True, running=bool(live), state=derive_state(True, bool(live), state),
+            # measured from this boot at the earliest: stale activity cannot stop a fresh host
+            state_since=max(float(payload.get("state_since") or 0.0), self.boot),
+            certified_boot_time=self.boot,
+            signed_created_at=max(created) if created else None,
+            process_alive=bool(live), reported=tuple(sorted(reported)),
+            deploy_lock_since=deploy_lock_since(self.host_dir))
+        # the watcher trusts what it gathered itself; enforce outside does not
+        return dataclasses.replace(policy, trust="trusted"), observation, live
+
+    def take_deploy_lock(self, policy: IdlePolicy, now: float) -> bool:
+        """rmdir deploy_lock: fails while a deploy holds it, unless that deploy is stale."""
+        lock = self.host_dir.deploy_lock
+        try:
+            os.rmdir(lock)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError:
+            pass
+        since = deploy_lock_since(self.host_dir)
+        if since is not None and now - since < policy.deploy_timeout:
+            self.log("deploy_in_progress", since=since)
+            return False
+        self.log("crashed_deploy_ignored", since=since)
+        for entry in lock.iterdir():
+            entry.unlink()
+        os.rmdir(lock)
+        return True
+
+    def stop_host(self, live: list) -> None:
+        run_hooks(self.host_dir.hooks / "stop", self.host_dir.events / "hooks.jsonl", "stop")
+        for session in live:
+            self.tmux.kill(session)
+        self.log("stopped_agents", sessions=live, how=self.on_stop)
+        if self.on_stop == "agents":
+            self.host_dir.deploy_lock.mkdir(exist_ok=True)  # the local host stays up: release
+
+    def round(self) -> str:
+        """One look: 'stopped', 'idle' (nothing to watch), or 'watching'."""
+        now = time.time()
+        policy, observation, live = self.observe(now)
+        decision = decide(observation, policy, now)
+        if decision.action != "none":
+            self.log("decision", **decision.to_dict())
+        if decision.action in ("stop", "force_stop") and live:
+            if not self.take_deploy_lock(policy, now):
+                return "watching"
+            self.stop_host(live)
+            return "stopped"
+        return "watching" if live else "idle"
+
+    def wait(self) -> None:
+        """Sleep one interval, waking early on SIGTERM or when data.json changes."""
+        before = mtime(self.host_dir.data)
+        deadline = time.monotonic() + self.interval
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            if mtime(self.host_dir.data) != before:
+                return
+
+    def watch(self, once: bool = False) -> int:
+        import signal
+
+        def on_term(signum, frame):
+            self.stopping = True
+        signal.signal(signal.SIGTERM, on_term)
+        self.host_dir.skeleton()
+        lock = FileLock(self.host_dir.root / "watcher.lock", blocking=False)
+        if not lock.acquire():
+            return EXIT_OK  # a watcher already runs for this host: once per host
+        try:
+            atomic_write(self.host_dir.root / "watcher.pid", f"{os.getpid()}\n".encode())
+            self.host_dir.deploy_lock.mkdir(exist_ok=True)
+            self.log("started", pid=os.getpid(), interval=self.interval)
+            hooks_log = self.host_dir.events / "hooks.jsonl"
+            run_hooks(self.host_dir.hooks / "boot", hooks_log, "boot")
+            run_hooks(self.host_dir.hooks / "post_services", hooks_log, "post_services")
+            while not self.stopping:
+                try:
+                    outcome = self.round()
+                except (MngrError, OSError, ValueError, KeyError, TypeError) as exc:
+                    self.log("error", error=str(exc))  # logged and retried, never fatal
+                    outcome = "watching"
+                if once or outcome == "stopped" and self.on_stop == "agents" or outcome == "idle":
+                    break
+                self.wait()
+            self.log("exited", reason="SIGTERM" if self.stopping else "done")
+        finally:
+            try:
+                os.unlink(self.host_dir.root / "watcher.pid")
+            except FileNotFoundError:
+                pass
+            lock.release()
+        return EXIT_OK
+
+
+def touch(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a"):
+        os.utime(path, None)
+
+
+def host_main(argv) -> int:
+    """The in-host commands, parsed without the controller's CLI (stdlib only)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="mngr.py")
+    subs = parser.add_subparsers(dest="command", required=True)
+    watch = subs.add_parser("watch", help="the idle watcher of this host")
+    watch.add_argument("--once", action="store_true", help="one round, then exit")
+    watch.add_argument("--interval", type=float, default=WATCH_INTERVAL)
+    watch.add_argument("--tmux-socket", default=DEFAULT_ROOT_NAME)
+    watch.add_argument("--on-stop", choices=STOP_MODES, default="agents")
+    watch.add_argument("--boot-time", type=float, help="the host's boot (epoch seconds); "
+                       "default: now, the watcher's start")
+    hooks = subs.add_parser("run-hooks", help="run a hooks dir in name order, logged")
+    hooks.add_argument("directory")
+    hooks.add_argument("--moment", default="start")
+    subs.add_parser("host-info", help="this file's version and python, as JSON")
+    args = parser.parse_args(argv)
+    host_dir = HostDir(os.environ.get(ENV_HOST_DIR) or Path.home() / f".{DEFAULT_ROOT_NAME}")
+    if args.command == "watch":
+        return Watcher(host_dir, args.tmux_socket, args.interval, args.on_stop,
+                       args.boot_time).watch(args.once)
+    if args.command == "run-hooks":
+        run_hooks(Path(args.directory), host_dir.events / "hooks.jsonl", args.moment)
+        return EXIT_OK
+    try:
+        document = read_json(host_dir.data)
+    except ValueError:
+        document = "malformed"
+    print(json.dumps({"version": __version__, "python": sys.version.split()[0],
+                      "host_dir": str(host_dir.root), "data": document}))
+    return EXIT_OK
+
+
+# Settings and the controller's files ######################################
 
 
 def _load_toml(path: Path) -> dict:
@@ -1024,162 +1475,6 @@ class Store:
 
     def next_version(self, record_id: str, current: int) -> int:
         return max(current, self.versions.minimum(record_id)) + 1
-
-
-# Tmux agents ###############################################################
-
-
-@dataclass(frozen=True)
-class PaneInfo:
-    session: str
-    pane_pid: int
-    dead: bool
-    dead_status: int | None
-    attached: bool
-
-
-@dataclass(frozen=True)
-class AgentView:
-    """An agent as seen now: its record plus its observed (reported) state."""
-
-    record: AgentRecord
-    host: "HostView"
-    state: str
-    verification: Verification
-    exit_status: int | None = None
-    attached: bool = False
-
-
-@dataclass
-class HostView:
-    """A host as collected from its provider, with its agents."""
-
-    provider: object
-    record: HostRecord | None
-    verification: Verification
-    agents: list = field(default_factory=list)
-    reachable: bool = True
-    error: str = ""
-    problems: list = field(default_factory=list)   # agent records that failed verification
-
-    @property
-    def verify_error(self) -> str:
-        if not self.verification.ok:
-            return f"host record: {self.verification.reason}"
-        return self.problems[0] if self.problems else ""
-
-    @property
-    def name(self) -> str:
-        return self.record.name if self.record else "?"
-
-
-class Tmux:
-    """tmux on one host, on mngr's own socket so users' tmux never collides."""
-
-    LIST_FORMAT = "\t".join(["#{session_name}", "#{window_index}", "#{pane_index}",
-                             "#{pane_pid}", "#{pane_dead}", "#{pane_dead_status}",
-                             "#{session_attached}"])
-
-    def __init__(self, socket: str, runner=None):
-        self.socket = socket
-        self.runner = runner or run
-
-    def call(self, *args, **kwargs):
-        return self.runner(["tmux", "-L", self.socket, *args], what=f"tmux {args[0]}", **kwargs)
-
-    def panes(self) -> dict:
-        """Pane 0 of window 0 of every session, in one call: {session: PaneInfo}."""
-        result = self.call("list-panes", "-a", "-F", self.LIST_FORMAT, check=False)
-        if result.returncode != 0:
-            if "no server running" in result.stderr or "error connecting" in result.stderr:
-                return {}
-            raise CommandFailedError(f"tmux list-panes failed: {result.stderr.strip()}",
-                                     detail=result.stderr)
-        panes = {}
-        for line in result.stdout.splitlines():
-            parts = line.split("\t")
-            if len(parts) != 7:
-                continue
-            session, window, pane, pid, dead, status, attached = parts
-            if session in panes and panes[session] is not None:
-                continue
-            if window != "0" or pane != "0":
-                panes.setdefault(session, None)
-                continue
-            panes[session] = PaneInfo(session, int(pid or 0), dead == "1",
-                                      int(status) if status.isdigit() else None,
-                                      attached not in ("", "0"))
-        return panes
-
-    def start(self, session: str, command: str, work_dir: str, env: dict, log_path: Path) -> int:
-        args = ["set-option", "-g", "remain-on-exit", "on", ";",
-                "new-session", "-d", "-P", "-F", "#{pane_pid}", "-s", session,
-                "-x", "200", "-y", "50", "-c", work_dir]
-        for key, value in sorted(env.items()):
-            args += ["-e", f"{key}={value}"]
-        args += [command, ";", "pipe-pane", "-t", f"={session}:0.0",
-                 f"cat >> {_shell_quote(str(log_path))}"]
-        result = self.call(*args)
-        pid = result.stdout.strip().splitlines()[0] if result.stdout.strip() else "0"
-        return int(pid) if pid.isdigit() else 0
-
-    def kill(self, session: str) -> None:
-        result = self.call("kill-session", "-t", f"={session}", check=False)
-        if result.returncode != 0 and "can't find session" not in result.stderr \
-                and "no server running" not in result.stderr \
-                and "error connecting" not in result.stderr:
-            raise CommandFailedError(f"tmux kill-session failed: {result.stderr.strip()}")
-
-    def send(self, session: str, text: str) -> None:
-        target = f"={session}:0.0"
-        self.call("send-keys", "-t", target, "-l", text, ";", "send-keys", "-t", target, "Enter")
-
-    def capture(self, session: str, lines: int) -> str:
-        return self.call("capture-pane", "-p", "-J", "-t", f"={session}:0.0",
-                         "-S", str(-lines)).stdout
-
-    def attach_argv(self, session: str) -> list:
-        return ["tmux", "-L", self.socket, "attach-session", "-t", f"={session}"]
-
-
-def agent_state(record_pid: int, pane) -> str:
-    """running / done / replaced / stopped, from pane 0 of the agent's session."""
-    if pane is False:
-        return "stopped"
-    if pane is None:
-        return "replaced"
-    if pane.dead:
-        return "done"
-    if record_pid and pane.pane_pid != record_pid:
-        return "replaced"
-    return "running"
-
-
-def boot_time():
-    """This machine's boot time (epoch seconds) from /proc/stat, or None."""
-    try:
-        with open("/proc/stat") as handle:
-            for line in handle:
-                if line.startswith("btime "):
-                    return float(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def mtime(path: Path):
-    try:
-        return os.stat(path).st_mtime
-    except OSError:
-        return None
-
-
-def read_status(agent_dir: Path) -> dict:
-    try:
-        status = read_json(agent_dir / "status")
-    except (ValueError, OSError):
-        return {}
-    return status if isinstance(status, dict) else {}
 
 
 # Agent types, env and work dirs (controller side) ##########################
@@ -2386,7 +2681,7 @@ def cmd_keys(args, ctx) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["host-info"],):
+    if argv[:1] and argv[0] in HOST_COMMANDS:
         return host_main(argv)
     _VERBOSITY[0] = 0
     try:

@@ -5,9 +5,12 @@ stopped or destroyed; its agents can. The local host is trusted (DESIGN 1).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -92,7 +95,7 @@ class LocalProvider:
             stamp = mngr.mtime(self.host_dir.activity / source)
             if stamp is not None:
                 reported.append((source, stamp))
-        lock = mngr.mtime(self.host_dir.deploy_lock)
+        lock = mngr.deploy_lock_since(self.host_dir)
         created = [a.record.created_at for a in host.agents]
         return mngr.Observation(
             exists=True, running=running,
@@ -173,9 +176,10 @@ class LocalProvider:
 
     def create_agent(self, plan: AgentPlan):
         mngr.run(["tmux", "-V"], what="tmux")  # fail early and clearly when tmux is missing
+        python = self._host_python()
         undo = []
         try:
-            with mngr.FileLock(self.host_dir.lock):
+            with self._deploying(), mngr.FileLock(self.host_dir.lock):
                 store = self.store()
                 host = self._ensure_host(store)
                 policy = mngr.apply_policy_flags(host.policy, plan.args)
@@ -205,12 +209,13 @@ class LocalProvider:
                                    version=store.next_version(host.id, host.version))
                 store.write_host(new_host)
                 undo.append(lambda: self._forget_agent(agent_id))
-                self._start_session(record)
+                self._start_session(record, python)
                 store.versions.save()
         except BaseException:
             for step in reversed(undo):
                 step()
             raise
+        self._ensure_watcher(python)
         mngr.append_jsonl(self.host_dir.events / "mngr.jsonl",
                           {"at": now, "event": "agent_created", "agent": plan.name, "id": agent_id})
         return self._refresh(mngr.AgentView(record, None, "running", mngr.Verification(True)))
@@ -265,16 +270,99 @@ class LocalProvider:
         })
         return env
 
-    def _start_session(self, record: mngr.AgentRecord) -> None:
+    def _start_session(self, record: mngr.AgentRecord, python: str) -> None:
         if not Path(record.work_dir).is_dir():
             raise mngr.RefusedError(f"work dir {record.work_dir} of {record.name} is gone",
                                     "restore it, or destroy the agent")
         agent_dir = self.host_dir.agent_dir(record.id)
-        pid = self.tmux.start(record.session, record.command, record.work_dir,
-                              self._session_env(record), agent_dir / "logs" / "output.log")
+        env = self._session_env(record)
+        pid = self.tmux.start(record.session, record.command, record.work_dir, env,
+                              agent_dir / "logs" / "output.log")
         mngr.write_json(agent_dir / "status", {"pane_pid": pid, "started_at": time.time()})
         mngr.append_jsonl(agent_dir / "events" / "events.jsonl",
                           {"at": time.time(), "event": "started", "pane_pid": pid})
+        hooks = agent_dir / "hooks" / "start"
+        if any(hooks.iterdir()):  # agent start hooks run in the background, logged by the host
+            mngr.spawn([python, "-I", "-S", self.host_dir.bin / "mngr.py", "run-hooks", hooks,
+                        "--moment", f"start:{record.name}"],
+                       log_path=self.host_dir.logs / "hooks.log", env={**self.ctx.env, **env})
+
+    # The host's python, the copied-in mngr.py, the watcher, the deploy lock ---
+
+    def _host_path(self) -> str:
+        host_env = mngr.read_env_file(self.host_dir.env)
+        return host_env.get("PATH") or self.ctx.env.get("PATH", os.defpath)
+
+    def _host_python(self) -> str:
+        """python3 (3.9+) as the host's PATH finds it; refuses clearly before anything is made."""
+        python = shutil.which("python3", path=self._host_path())
+        need = "the host needs python3 3.9 or newer on its PATH for mngr's idle watcher"
+        if python is None:
+            raise mngr.RefusedError(f"no python3 on the host's PATH ({self._host_path()})",
+                                    f"{need}; install it, or fix PATH in {self.host_dir.env}")
+        probe = mngr.run([python, "-I", "-S", "-c",
+                          f"import sys; sys.exit(0 if sys.version_info >= (3, 9) else {mngr.EXIT_NO_PYTHON})"],
+                         check=False, what="python3 probe")
+        if probe.returncode:
+            raise mngr.RefusedError(f"{python} is too old or broken (exit {probe.returncode})", need)
+        return python
+
+    def _copy_in(self) -> Path:
+        """Put this very mngr.py in the host dir, unless the same bytes are there."""
+        source = Path(mngr.__file__).resolve().read_bytes()
+        target = self.host_dir.bin / "mngr.py"
+        try:
+            same = hashlib.sha256(target.read_bytes()).digest() == hashlib.sha256(source).digest()
+        except FileNotFoundError:
+            same = False
+        if not same:
+            mngr.atomic_write(target, source, mode=0o755)
+        return target
+
+    def watcher_alive(self) -> bool:
+        probe = mngr.FileLock(self.host_dir.root / "watcher.lock", blocking=False)
+        if probe.acquire():
+            probe.release()
+            return False
+        return True
+
+    def _ensure_watcher(self, python: str) -> None:
+        """Start the host's watcher unless one runs (its own lock keeps it to one)."""
+        script = self._copy_in()
+        if self.watcher_alive():
+            return
+        interval = mngr.parse_duration(self.ctx.setting("watch_interval", 10))
+        env = {**self.ctx.env, **mngr.read_env_file(self.host_dir.env),
+               mngr.ENV_HOST_DIR: str(self.host_dir.root)}
+        mngr.spawn([python, "-I", "-S", script, "watch", "--tmux-socket", self.tmux.socket,
+                    "--interval", interval, "--on-stop", "agents"],
+                   log_path=self.host_dir.logs / "watcher.log", env=env, cwd=self.host_dir.root)
+
+    @contextlib.contextmanager
+    def _deploying(self):
+        """Hold the deploy lock while changing the host: a file in deploy_lock/.
+
+        The watcher takes the lock by removing the empty dir, so a missing dir
+        while a watcher runs means it is stopping the host right now."""
+        lock = self.host_dir.deploy_lock
+        busy = mngr.RefusedError("the host's idle watcher is stopping it right now",
+                                 "try again in a few seconds")
+        if not lock.is_dir():
+            if self.watcher_alive():
+                raise busy
+            lock.mkdir(parents=True, exist_ok=True)
+        stamp = lock / f"{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileNotFoundError:
+            raise busy from None
+        try:
+            yield
+        finally:
+            try:
+                stamp.unlink()
+            except FileNotFoundError:
+                pass
 
     # Acting on agents ------------------------------------------------------
 
@@ -282,9 +370,12 @@ class LocalProvider:
         if view.state == "replaced":
             raise mngr.RefusedError(f"{view.record.name}'s session runs another program",
                                     f"stop it first: mngr stop {view.record.name}")
-        if view.state == "done":
-            self.tmux.kill(view.record.session)
-        self._start_session(view.record)
+        python = self._host_python()
+        with self._deploying():
+            if view.state == "done":
+                self.tmux.kill(view.record.session)
+            self._start_session(view.record, python)
+        self._ensure_watcher(python)
         return self._refresh(view)
 
     def stop_agent(self, view) -> None:
@@ -319,8 +410,18 @@ class LocalProvider:
         if not sys.stdin.isatty():
             raise mngr.RefusedError("cannot attach: stdin is not a terminal",
                                     f"run it from a terminal: mngr connect {view.record.name}")
-        return mngr.run(self.tmux.attach_argv(view.record.session), capture=False, check=False,
-                        timeout=None, env=env, what="tmux attach").returncode
+        attached = threading.Event()
+
+        def mark_user_activity():  # a person is here: keep a user-mode host alive
+            while not attached.wait(5.0):
+                mngr.touch(self.host_dir.activity / "user")
+        mngr.touch(self.host_dir.activity / "user")
+        threading.Thread(target=mark_user_activity, daemon=True).start()
+        try:
+            return mngr.run(self.tmux.attach_argv(view.record.session), capture=False, check=False,
+                            timeout=None, env=env, what="tmux attach").returncode
+        finally:
+            attached.set()
 
     def destroy_agent(self, view, remove_work: bool, discard_changes: bool) -> None:
         record = view.record
@@ -329,7 +430,7 @@ class LocalProvider:
             raise mngr.RefusedError(f"worktree {record.work_dir} has uncommitted changes",
                                     "commit them, or add --discard-changes")
         self.tmux.kill(record.session)
-        with mngr.FileLock(self.host_dir.lock):
+        with self._deploying(), mngr.FileLock(self.host_dir.lock):
             self._forget_agent(record.id)
         shutil.rmtree(self.host_dir.agent_dir(record.id), ignore_errors=True)
         if remove_work and record.work_mode == "worktree":
@@ -366,7 +467,7 @@ class LocalProvider:
     force_stop_host = stop_host
 
     def update_policy(self, host, policy: mngr.IdlePolicy) -> None:
-        with mngr.FileLock(self.host_dir.lock):
+        with self._deploying(), mngr.FileLock(self.host_dir.lock):
             store = self.store()
             record, check = store.read_host()
             if record is None:
@@ -376,7 +477,7 @@ class LocalProvider:
             store.versions.save()
 
     def update_agent(self, view, **changes) -> None:
-        with mngr.FileLock(self.host_dir.lock):
+        with self._deploying(), mngr.FileLock(self.host_dir.lock):
             store = self.store()
             record, check = store.read_agent(view.record.id)
             if record is None:
