@@ -96,6 +96,67 @@ def bench_enforce(env, home) -> None:
     report("enforce per-host cost, max/min over 100..10000", spread, 1.5)
 
 
+def bench_watcher(base_env) -> None:
+    """The watcher's CPU over 60 s with 10 agents, and its idle-stop latency."""
+    import threading
+
+    def isolated(interval):
+        home = Path(tempfile.mkdtemp(prefix="mngr-bench-w-"))
+        (home / ".config" / "mngr").mkdir(parents=True)
+        (home / ".config" / "mngr" / "settings.toml").write_text(f"watch_interval = {interval}\n")
+        (home / "work").mkdir()
+        return home, {**base_env, "HOME": str(home), "MNGR_TMUX_SOCKET": f"mngr-bench-{home.name}"}
+
+    def mngr(env, home, *args):
+        subprocess.run([PY, str(REPO / "mngr.py"), *args], env=env, cwd=home / "work", check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    latencies = []
+    interval, timeout = 2, 2
+
+    def measure_latency():
+        home, env = isolated(interval)
+        try:
+            for trial in range(5):
+                name = f"lat-{trial}"
+                mngr(env, home, "create", name, "--in-place", "--no-connect", "--agent-cmd",
+                     "echo hello; sleep 600", "--idle-mode", "agent", "--idle-timeout", f"{timeout}s")
+                quiet_since = time.time()  # it printed once, at its start
+                while subprocess.run(["tmux", "-L", env["MNGR_TMUX_SOCKET"], "has-session", "-t",
+                                      f"=mngr-{name}"], env=env, stderr=subprocess.DEVNULL).returncode == 0:
+                    time.sleep(0.05)
+                latencies.append(time.time() - (quiet_since + timeout))
+                mngr(env, home, "destroy", "-f", name)
+        finally:
+            subprocess.run(["tmux", "-L", env["MNGR_TMUX_SOCKET"], "kill-server"], env=env,
+                           stderr=subprocess.DEVNULL)
+            shutil.rmtree(home, ignore_errors=True)
+
+    latency = threading.Thread(target=measure_latency)
+    latency.start()
+    home, env = isolated(10)
+    try:
+        for i in range(10):
+            mngr(env, home, "create", f"cpu-{i}", "--in-place", "--no-connect", "--agent-cmd",
+                 "sleep 3600", "--idle-mode", "agent", "--idle-timeout", "1h")
+        pid = int((home / ".mngr" / "watcher.pid").read_text())
+
+        def cpu_seconds():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        before, start = cpu_seconds(), time.monotonic()
+        time.sleep(60)
+        share = (cpu_seconds() - before) / (time.monotonic() - start) * 100
+        report("watcher CPU, 10 agents, 60 s (% of one core)", share, 0.5, "%")
+    finally:
+        subprocess.run(["tmux", "-L", env["MNGR_TMUX_SOCKET"], "kill-server"], env=env,
+                       stderr=subprocess.DEVNULL)
+        latency.join()
+        shutil.rmtree(home, ignore_errors=True)
+    report(f"idle-stop latency, median of 5 (interval {interval} s)", statistics.median(latencies),
+           interval + 2, "s")
+
+
 def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="mngr-bench-"))
     tmux_dir = Path(tempfile.mkdtemp(prefix="mb", dir="/tmp"))
@@ -116,6 +177,7 @@ def main() -> int:
         report("mngr list --json, 100 agents / baseline", listed / baseline, 3.0)
         bench_decide()
         bench_enforce(env, home)
+        bench_watcher(env)
     finally:
         subprocess.run(["tmux", "-L", "mngr-bench", "kill-server"], env=env,
                        stderr=subprocess.DEVNULL)
