@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -763,7 +764,7 @@ def warn(message: str) -> None:
 
 
 def run(argv, *, timeout=SUBPROCESS_TIMEOUT, check=True, capture=True, input=None,
-        cwd=None, env=None, what=""):
+        cwd=None, env=None, what="", text=True):
     """The one subprocess wrapper: argv list, timeout, typed errors.
 
     ``timeout=None`` is only for interactive calls the user drives (attach,
@@ -805,11 +806,12 @@ def run(argv, *, timeout=SUBPROCESS_TIMEOUT, check=True, capture=True, input=Non
         proc.kill()
         proc.wait()
         raise
-    result = subprocess.CompletedProcess(argv, proc.returncode,
-                                         (stdout or b"").decode(errors="replace"),
-                                         (stderr or b"").decode(errors="replace"))
+    result = subprocess.CompletedProcess(
+        argv, proc.returncode, (stdout or b"").decode(errors="replace") if text else (stdout or b""),
+        (stderr or b"").decode(errors="replace"))
     if check and proc.returncode != 0:
-        tail = result.stderr.strip().splitlines()[-1:] or result.stdout.strip().splitlines()[-1:]
+        tail = result.stderr.strip().splitlines()[-1:] or (
+            result.stdout.strip().splitlines()[-1:] if text else [])
         raise CommandFailedError(
             f"{label} failed (exit {proc.returncode})" + (f": {tail[0]}" if tail else ""),
             detail=result.stderr, returncode=proc.returncode)
@@ -884,6 +886,7 @@ class HostView:
     reachable: bool = True
     error: str = ""
     problems: list = field(default_factory=list)   # agent records that failed verification
+    facts: dict = field(default_factory=dict)      # what the provider certified, for observe()
 
     @property
     def verify_error(self) -> str:
@@ -1016,8 +1019,18 @@ def read_status(agent_dir: Path) -> dict:
 
 HOOK_TIMEOUT = 60.0
 WATCH_INTERVAL = 10.0
-STOP_MODES = ("agents",)          # how the watcher stops its host; providers add theirs
-HOST_COMMANDS = ("watch", "run-hooks", "host-info")
+STOP_MODES = ("agents", "pid1")   # how the watcher stops its host: agents only, or PID 1 exits
+HOST_COMMANDS = ("watch", "run-hooks", "host-info", "host-init", "host-report", "agent-start",
+                 "write-file")
+# host-init's sentinel exit codes, which the controller explains
+EXIT_INIT_NO_PYTHON = 90
+EXIT_INIT_OLD_PYTHON = 91
+EXIT_INIT_NO_TMUX = 92
+INIT_EXIT_REASONS = {
+    EXIT_INIT_NO_PYTHON: "the image has no python3",
+    EXIT_INIT_OLD_PYTHON: "the image's python3 is older than 3.9",
+    EXIT_INIT_NO_TMUX: "the image has no tmux",
+}
 EXIT_NO_PYTHON = 3                # the sentinel of the controller's python3 probe
 
 
@@ -1078,6 +1091,91 @@ def ssh_session_open() -> bool:
     return False
 
 
+def session_env(host_dir: HostDir, record: AgentRecord) -> dict:
+    """An agent's environment: the host's env, the agent's env, then mngr's variables."""
+    agent_dir = host_dir.agent_dir(record.id)
+    env = read_env_file(host_dir.env)
+    env.update(read_env_file(agent_dir / "env"))
+    env.update({
+        ENV_HOST_DIR: str(host_dir.root),
+        "MNGR_AGENT_ID": record.id,
+        "MNGR_AGENT_NAME": record.name,
+        "MNGR_AGENT_STATE_DIR": str(agent_dir),
+        "MNGR_AGENT_WORK_DIR": record.work_dir,
+    })
+    return env
+
+
+def start_agent_session(host_dir: HostDir, record: AgentRecord, tmux: Tmux, python: str,
+                        base_env=None) -> int:
+    """Start an agent's tmux session on this host, record its start, and run its
+    start hooks in the background. The same code runs on the controller for the
+    local host and inside a host (``mngr.py agent-start``) for the others."""
+    if not Path(record.work_dir).is_dir():
+        raise RefusedError(f"work dir {record.work_dir} of {record.name} is gone",
+                           "restore it, or destroy the agent")
+    agent_dir = host_dir.agent_dir(record.id)
+    agent_skeleton(agent_dir)
+    env = session_env(host_dir, record)
+    pid = tmux.start(record.session, record.command, record.work_dir, env,
+                     agent_dir / "logs" / "output.log")
+    write_json(agent_dir / "status", {"pane_pid": pid, "started_at": time.time()})
+    append_jsonl(agent_dir / "events" / "events.jsonl",
+                 {"at": time.time(), "event": "started", "pane_pid": pid})
+    hooks = agent_dir / "hooks" / "start"
+    if any(hooks.iterdir()):  # start hooks run in the background, logged on the host
+        spawn([python, "-I", "-S", host_dir.bin / "mngr.py", "run-hooks", hooks,
+               "--moment", f"start:{record.name}"],
+              log_path=host_dir.logs / "hooks.log", env={**(base_env or os.environ), **env})
+    return pid
+
+
+def read_unverified_agents(host_dir: HostDir, payload: dict) -> list:
+    """The agent records a host's data.json lists, read without a key (inside a host)."""
+    agents = []
+    for agent_id in payload.get("agents") or ():
+        try:
+            document = read_json(host_dir.agent_dir(str(agent_id)) / "data.json")
+            agents.append(AgentRecord.from_dict(document["payload"]))
+        except (ValueError, KeyError, TypeError, OSError):
+            continue
+    return agents
+
+
+def host_report(host_dir: HostDir, tmux: Tmux) -> dict:
+    """Everything the controller needs from a running host, in one call: the
+    signed documents as they are here (the controller checks them), tmux's view
+    of every agent, and the reported activity. All of it is *reported*."""
+    try:
+        document = read_json(host_dir.data)
+    except ValueError:
+        document = "malformed"
+    payload = document.get("payload") if isinstance(document, dict) else None
+    agent_ids = [str(a) for a in (payload or {}).get("agents") or ()]
+    agents = {}
+    for agent_id in agent_ids:
+        agent_dir = host_dir.agent_dir(agent_id)
+        try:
+            agent_document = read_json(agent_dir / "data.json")
+        except ValueError:
+            agent_document = "malformed"
+        agents[agent_id] = {"document": agent_document, "status": read_status(agent_dir),
+                            "output_mtime": mtime(agent_dir / "logs" / "output.log")}
+    panes = {}
+    for session, pane in tmux.panes().items():
+        panes[session] = dataclasses.asdict(pane) if pane is not None else None
+    return {
+        "version": __version__,
+        "document": document,
+        "agents": agents,
+        "panes": panes,
+        "activity": {s: mtime(host_dir.activity / s) for s in ("agent", "user", "ssh")},
+        "deploy_lock_since": deploy_lock_since(host_dir),
+        "ssh_open": ssh_session_open(),
+        "now": time.time(),
+    }
+
+
 class Watcher:
     """The in-host idle watcher: `python3 $MNGR_HOST_DIR/bin/mngr.py watch`.
 
@@ -1101,17 +1199,6 @@ class Watcher:
     def log(self, event: str, **fields) -> None:
         append_jsonl(self.log_path, {"at": time.time(), "event": event, **fields})
 
-    def agents(self, payload: dict) -> list:
-        """The host's agent records, read without verification (no key in here)."""
-        agents = []
-        for agent_id in payload.get("agents") or ():
-            try:
-                document = read_json(self.host_dir.agent_dir(str(agent_id)) / "data.json")
-                agents.append(AgentRecord.from_dict(document["payload"]))
-            except (ValueError, KeyError, TypeError, OSError):
-                continue
-        return agents
-
     def observe(self, now: float):
         """(policy, observation, live agent sessions) from what this host shows."""
         document = read_json(self.host_dir.data)
@@ -1119,7 +1206,7 @@ class Watcher:
             raise ValueError("data.json is missing or malformed")
         payload = document["payload"]
         policy = IdlePolicy.from_dict(payload.get("policy") or {})
-        agents = self.agents(payload)
+        agents = read_unverified_agents(self.host_dir, payload)
         panes = self.tmux.panes()
         reported, live = [], []
         for agent in agents:
@@ -1141,8 +1228,10 @@ class Watcher:
                 reported.append((source, stamp))
         created = [a.created_at for a in agents]
         state = str(payload.get("state", "running"))
+        # a container host is up while its PID 1 is; the local host "runs" while agents do
+        up = bool(live) or self.on_stop == "pid1"
         observation = Observation(
-            exists=True, running=bool(live), state=derive_state(True, bool(live), state),
+            exists=True, running=up, state=derive_state(True, up, state),
             # measured from this boot at the earliest: stale activity cannot stop a fresh host
             state_since=max(float(payload.get("state_since") or 0.0), self.boot),
             certified_boot_time=self.boot,
@@ -1173,12 +1262,15 @@ class Watcher:
         return True
 
     def stop_host(self, live: list) -> None:
+        if self.on_stop == "pid1":  # PID 1 runs the stop hooks, stops the agents, and exits
+            self.log("stopping_host", how="pid1")
+            os.kill(1, signal.SIGTERM)
+            return
         run_hooks(self.host_dir.hooks / "stop", self.host_dir.events / "hooks.jsonl", "stop")
         for session in live:
             self.tmux.kill(session)
         self.log("stopped_agents", sessions=live, how=self.on_stop)
-        if self.on_stop == "agents":
-            self.host_dir.deploy_lock.mkdir(exist_ok=True)  # the local host stays up: release
+        self.host_dir.deploy_lock.mkdir(exist_ok=True)  # the host stays up: release the lock
 
     def round(self) -> str:
         """One look: 'stopped', 'idle' (nothing to watch), or 'watching'."""
@@ -1187,7 +1279,7 @@ class Watcher:
         decision = decide(observation, policy, now)
         if decision.action != "none":
             self.log("decision", **decision.to_dict())
-        if decision.action in ("stop", "force_stop") and live:
+        if decision.action in ("stop", "force_stop") and observation.running:
             if not self.take_deploy_lock(policy, now):
                 return "watching"
             self.stop_host(live)
@@ -1204,8 +1296,6 @@ class Watcher:
                 return
 
     def watch(self, once: bool = False) -> int:
-        import signal
-
         def on_term(signum, frame):
             self.stopping = True
         signal.signal(signal.SIGTERM, on_term)
@@ -1226,7 +1316,7 @@ class Watcher:
                 except (MngrError, OSError, ValueError, KeyError, TypeError) as exc:
                     self.log("error", error=str(exc))  # logged and retried, never fatal
                     outcome = "watching"
-                if once or outcome == "stopped" and self.on_stop == "agents" or outcome == "idle":
+                if once or outcome == "stopped" or outcome == "idle" and self.on_stop == "agents":
                     break
                 self.wait()
             self.log("exited", reason="SIGTERM" if self.stopping else "done")
@@ -1236,6 +1326,93 @@ class Watcher:
             except FileNotFoundError:
                 pass
             lock.release()
+        return EXIT_OK
+
+
+class HostInit:
+    """PID 1 of a container host: `python3 $MNGR_HOST_DIR/bin/mngr.py host-init`.
+
+    Reaps zombies, runs boot hooks, starts the agents flagged start-on-boot
+    and the idle watcher (and starts the watcher again if something kills
+    it); on SIGTERM runs stop hooks, stops the agents and exits. So `docker
+    stop` is a clean stop, and the watcher stops an idle host by signalling
+    PID 1.
+    """
+
+    def __init__(self, host_dir: HostDir, socket: str, interval: float):
+        self.host_dir = host_dir
+        self.tmux = Tmux(socket)
+        self.interval = interval
+        self.stopping = False
+        self.watcher = 0
+        self.boot = time.time()
+        self.hooks_log = host_dir.events / "hooks.jsonl"
+
+    def log(self, event: str, **fields) -> None:
+        append_jsonl(self.host_dir.events / "init.jsonl", {"at": time.time(), "event": event, **fields})
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+    def start_watcher(self) -> None:
+        self.watcher = spawn([sys.executable, "-I", "-S", self.host_dir.bin / "mngr.py", "watch",
+                              "--tmux-socket", self.tmux.socket, "--interval", self.interval,
+                              "--on-stop", "pid1", "--boot-time", self.boot],
+                             log_path=self.host_dir.logs / "watcher.log")
+
+    def watcher_alive(self) -> bool:
+        try:
+            os.kill(self.watcher, 0)
+        except ProcessLookupError:
+            return False
+        try:  # a zombie not yet reaped is dead too
+            with open(f"/proc/{self.watcher}/stat") as handle:
+                return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    def run(self) -> int:
+        def on_term(signum, frame):
+            self.stopping = True
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, on_term)
+        self.host_dir.skeleton()
+        self.host_dir.deploy_lock.mkdir(exist_ok=True)
+        self.log("booted", pid=os.getpid())
+        run_hooks(self.host_dir.hooks / "boot", self.hooks_log, "boot")
+        try:
+            payload = read_json(self.host_dir.data)["payload"]
+            for agent in read_unverified_agents(self.host_dir, payload):
+                if agent.start_on_boot:
+                    start_agent_session(self.host_dir, agent, self.tmux, sys.executable)
+        except (MngrError, OSError, ValueError, KeyError, TypeError) as exc:
+            self.log("error", error=f"starting agents: {exc}")
+        self.start_watcher()
+        run_hooks(self.host_dir.hooks / "post_services", self.hooks_log, "post_services")
+        checked = time.monotonic()
+        while not self.stopping:
+            self.reap()
+            if time.monotonic() - checked > 5:
+                checked = time.monotonic()
+                if not self.watcher_alive():
+                    self.log("watcher_restarted")
+                    self.start_watcher()
+            time.sleep(0.2)
+        self.log("stopping")
+        run_hooks(self.host_dir.hooks / "stop", self.hooks_log, "stop")
+        try:
+            os.kill(self.watcher, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        self.tmux.call("kill-server", check=False)
+        self.reap()
+        self.log("stopped")
         return EXIT_OK
 
 
@@ -1262,13 +1439,51 @@ def host_main(argv) -> int:
     hooks.add_argument("directory")
     hooks.add_argument("--moment", default="start")
     subs.add_parser("host-info", help="this file's version and python, as JSON")
+    init = subs.add_parser("host-init", help="PID 1 of a container host")
+    init.add_argument("--tmux-socket", default=DEFAULT_ROOT_NAME)
+    init.add_argument("--interval", type=float, default=WATCH_INTERVAL)
+    report = subs.add_parser("host-report", help="this host's state for the controller, as JSON")
+    report.add_argument("--tmux-socket", default=DEFAULT_ROOT_NAME)
+    start = subs.add_parser("agent-start", help="start an agent's tmux session here")
+    start.add_argument("agent_id")
+    start.add_argument("--tmux-socket", default=DEFAULT_ROOT_NAME)
+    put = subs.add_parser("write-file", help="atomically write stdin to a file in the host dir")
+    put.add_argument("path", help="relative to the host dir")
     args = parser.parse_args(argv)
     host_dir = HostDir(os.environ.get(ENV_HOST_DIR) or Path.home() / f".{DEFAULT_ROOT_NAME}")
+    try:
+        return _host_command(args, host_dir)
+    except MngrError as exc:
+        print(f"mngr: error: {exc.line()}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _host_command(args, host_dir: HostDir) -> int:
     if args.command == "watch":
         return Watcher(host_dir, args.tmux_socket, args.interval, args.on_stop,
                        args.boot_time).watch(args.once)
     if args.command == "run-hooks":
         run_hooks(Path(args.directory), host_dir.events / "hooks.jsonl", args.moment)
+        return EXIT_OK
+    if args.command == "host-init":
+        return HostInit(host_dir, args.tmux_socket, args.interval).run()
+    if args.command == "host-report":
+        print(json.dumps(host_report(host_dir, Tmux(args.tmux_socket))))
+        return EXIT_OK
+    if args.command == "agent-start":
+        try:
+            payload = read_json(host_dir.agent_dir(args.agent_id) / "data.json")["payload"]
+            record = AgentRecord.from_dict(payload)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise NotFoundError(f"no usable agent record {args.agent_id}: {exc}") from None
+        pid = start_agent_session(host_dir, record, Tmux(args.tmux_socket), sys.executable)
+        print(json.dumps({"pane_pid": pid}))
+        return EXIT_OK
+    if args.command == "write-file":
+        target = (host_dir.root / args.path).resolve()
+        if host_dir.root.resolve() not in target.parents:
+            raise UsageError(f"{args.path} is outside the host dir")
+        atomic_write(target, sys.stdin.buffer.read())
         return EXIT_OK
     try:
         document = read_json(host_dir.data)
@@ -1564,6 +1779,17 @@ def agent_env_from_args(args, env) -> dict:
     return result
 
 
+def agent_basics(ctx, args, name, programs_here: bool = True):
+    """(name, type, command, env) for create, whatever the provider; refuses early.
+    programs_here: the agent runs on this machine, so its program must be on PATH."""
+    agent_type, command = resolve_agent_command(ctx.settings, args.agent_type, args.agent_cmd,
+                                                args.extra, None if programs_here else str)
+    env = agent_type_env(ctx.settings, agent_type)
+    env.update(agent_env_from_args(args, ctx.env))
+    name = name or f"{agent_type if agent_type != 'generic' else 'agent'}-{os.urandom(2).hex()}"
+    return validate_name(name), agent_type, command, env
+
+
 def git(source, *args, **kwargs):
     return run(["git", "-C", str(source), *args], what=f"git {args[0]}", **kwargs)
 
@@ -1579,7 +1805,8 @@ def git_is_dirty(path: Path) -> bool:
 
 # Providers and plugins #####################################################
 
-BUILTIN_PROVIDERS = {"local": "mngr_providers.local:LocalProvider"}
+BUILTIN_PROVIDERS = {"local": "mngr_providers.local:LocalProvider",
+                     "docker": "mngr_providers.docker:DockerProvider"}
 
 
 def _ensure_builtin_providers_importable() -> None:
@@ -1669,7 +1896,8 @@ class Context:
         """Every configured provider instance, local first, loaded on first use."""
         if self._providers is None:
             backends = find_provider_backends()
-            instances = {"local": {"backend": "local"}}
+            # local always; docker too, but it costs nothing until it has a host
+            instances = {"local": {"backend": "local"}, "docker": {"backend": "docker", "implicit": True}}
             configured = self.setting("providers", {})
             if not isinstance(configured, dict):
                 raise ConfigError("settings: [providers] must be a table")
@@ -1764,6 +1992,19 @@ def _args_create(sp, Parser):
     sp.add_argument("--agent-cmd", metavar="CMD", help="run this shell command as the agent")
     sp.add_argument("--in", dest="provider", default="local", metavar="PROVIDER",
                     help="the provider instance that makes the host (default: local)")
+    sp.add_argument("--host", metavar="HOST", help="add the agent to this existing host")
+    group = sp.add_argument_group("container hosts")
+    group.add_argument("--image", metavar="IMAGE", help="run the host from this local image")
+    group.add_argument("--dockerfile", metavar="PATH", help="build the host's image from this file")
+    group.add_argument("-b", "--build-arg", action="append", default=[], metavar="ARG",
+                       help="an argument for docker build (repeatable)")
+    group.add_argument("-s", "--start-arg", action="append", default=[], metavar="ARG",
+                       help="an argument for docker create (repeatable)")
+    group.add_argument("--cpus", metavar="N", help="CPU limit")
+    group.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 2g")
+    group.add_argument("--pull", action="store_true", help="allow docker to pull missing images")
+    group.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                       help="leave matching paths out of the copied work dir (repeatable)")
     mode = sp.add_mutually_exclusive_group()
     mode.add_argument("--in-place", dest="work_mode", action="store_const", const="in_place",
                       help="run in the source dir itself")
@@ -2224,10 +2465,15 @@ def run_on_targets(ctx, agents, action, verb: str) -> int:
 
 @command("create")
 def cmd_create(args, ctx) -> int:
-    provider = ctx.provider(args.provider)
+    host = None
+    if args.host:
+        host = _host_target(ctx, ctx.collect(), args.host)
+        provider = host.provider
+    else:
+        provider = ctx.provider(args.provider)
     name = validate_name(args.name) if args.name else None
     plan = provider.plan_agent(args, name)
-    view = provider.create_agent(plan)
+    view = provider.create_agent(plan, host)
     emit(ctx, agent_row(view, time.time()),
          f"created agent {view.record.name} ({view.state}) in {view.record.work_dir}")
     connect = args.connect if args.connect is not None else (sys.stdin.isatty() and sys.stdout.isatty())
@@ -2408,6 +2654,10 @@ def enforce_host(args, host, audit) -> dict:
         obs = provider.observe(host, now)
         decision = _checked(decide(obs, _policy_of(host), now), args)
         row.update(state=obs.state, **decision.to_dict())
+        if not obs.exists and host.record is not None:
+            row["result"] = "gone"  # removed behind mngr's back: nothing to do, but say so
+            _audit(audit, row, args.dry_run)
+            return row
         if decision.action == "none":
             return row
         if args.dry_run:

@@ -133,13 +133,12 @@ class LocalProvider:
     # Creating --------------------------------------------------------------
 
     def plan_agent(self, args, name) -> AgentPlan:
-        settings = self.ctx.settings
-        agent_type, command = mngr.resolve_agent_command(
-            settings, args.agent_type, args.agent_cmd, args.extra)
-        env = mngr.agent_type_env(settings, agent_type)
-        env.update(mngr.agent_env_from_args(args, self.ctx.env))
-        name = name or f"{agent_type if agent_type != 'generic' else 'agent'}-{os.urandom(2).hex()}"
-        mngr.validate_name(name)
+        for flag in ("image", "dockerfile", "build_arg", "start_arg", "cpus", "memory", "pull",
+                     "exclude"):
+            if getattr(args, flag):
+                raise mngr.UsageError(f"--{flag.replace('_', '-')} is for container hosts, "
+                                      "not the local host", "use --in docker, or drop it")
+        name, agent_type, command, env = mngr.agent_basics(self.ctx, args, name)
         source = Path(args.source or self.ctx.cwd).resolve()
         if not source.is_dir():
             raise mngr.UsageError(f"source dir {source} does not exist", "give an existing --source DIR")
@@ -174,7 +173,7 @@ class LocalProvider:
         return AgentPlan(name, agent_type, command, mode, source, target, branch, base, env,
                          bool(args.start_on_boot), args)
 
-    def create_agent(self, plan: AgentPlan):
+    def create_agent(self, plan: AgentPlan, host=None):
         mngr.run(["tmux", "-V"], what="tmux")  # fail early and clearly when tmux is missing
         python = self._host_python()
         undo = []
@@ -258,34 +257,10 @@ class LocalProvider:
         return target
 
     def _session_env(self, record: mngr.AgentRecord) -> dict:
-        agent_dir = self.host_dir.agent_dir(record.id)
-        env = mngr.read_env_file(self.host_dir.env)
-        env.update(mngr.read_env_file(agent_dir / "env"))
-        env.update({
-            mngr.ENV_HOST_DIR: str(self.host_dir.root),
-            "MNGR_AGENT_ID": record.id,
-            "MNGR_AGENT_NAME": record.name,
-            "MNGR_AGENT_STATE_DIR": str(agent_dir),
-            "MNGR_AGENT_WORK_DIR": record.work_dir,
-        })
-        return env
+        return mngr.session_env(self.host_dir, record)
 
     def _start_session(self, record: mngr.AgentRecord, python: str) -> None:
-        if not Path(record.work_dir).is_dir():
-            raise mngr.RefusedError(f"work dir {record.work_dir} of {record.name} is gone",
-                                    "restore it, or destroy the agent")
-        agent_dir = self.host_dir.agent_dir(record.id)
-        env = self._session_env(record)
-        pid = self.tmux.start(record.session, record.command, record.work_dir, env,
-                              agent_dir / "logs" / "output.log")
-        mngr.write_json(agent_dir / "status", {"pane_pid": pid, "started_at": time.time()})
-        mngr.append_jsonl(agent_dir / "events" / "events.jsonl",
-                          {"at": time.time(), "event": "started", "pane_pid": pid})
-        hooks = agent_dir / "hooks" / "start"
-        if any(hooks.iterdir()):  # agent start hooks run in the background, logged by the host
-            mngr.spawn([python, "-I", "-S", self.host_dir.bin / "mngr.py", "run-hooks", hooks,
-                        "--moment", f"start:{record.name}"],
-                       log_path=self.host_dir.logs / "hooks.log", env={**self.ctx.env, **env})
+        mngr.start_agent_session(self.host_dir, record, self.tmux, python, self.ctx.env)
 
     # The host's python, the copied-in mngr.py, the watcher, the deploy lock ---
 

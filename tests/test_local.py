@@ -243,7 +243,7 @@ def test_keys_rotate_resigns_and_retires(mngr_cli):
 def test_errors_are_one_line_with_the_right_exit_code(mngr_cli):
     cases = [
         (("stop", "nobody"), 1, "no agent named nobody"),
-        (("create", "-bad-"), 2, "unrecognized arguments: -bad-"),
+        (("create", "--bad-flag"), 2, "unrecognized arguments: --bad-flag"),
         (("create", "bad_name", "--agent-cmd", "true"), 2, "bad agent name"),
         (("list", "--no-such-flag"), 2, "unrecognized arguments"),
         (("exec", "nobody"), 2, "no command given"),

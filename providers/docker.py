@@ -1,0 +1,679 @@
+"""The Docker provider: each host is a container; PID 1 is mngr.py host-init.
+
+Trust: a container may run untrusted code, so its hosts default to
+`trust = untrusted`. What this module believes comes from `docker inspect`
+(certified) and from the signed records the controller keeps under
+~/.mngr/hosts/<host-id>/; what the container says about itself (one
+`host-report` exec per running host) is reported, and its copies of the
+signed records are checked against the keyring.
+
+Calls per `list`: one `docker ps -a`, one `docker inspect` for every
+container, and one `docker exec` per running host, in parallel.
+"""
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import os
+import shlex
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import mngr
+
+LABEL = "com.imbue.mngr"
+HOST_DIR = "/mngr"              # the host dir inside every container
+WORK_ROOT = "/work"             # agents' work dirs inside containers
+SOCKET = mngr.DEFAULT_ROOT_NAME  # the tmux socket inside containers
+STOP_TIMEOUT = 30               # seconds docker stop waits for PID 1's stop hooks
+READY_TIMEOUT = 60.0
+DEFAULT_DOCKERFILE = """\
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends \\
+        python3 tmux procps git ca-certificates && rm -rf /var/lib/apt/lists/*
+"""
+UNREACHABLE = ("Cannot connect to the Docker daemon", "error during connect",
+               "Is the docker daemon running", "connection refused")
+
+
+@dataclass(frozen=True)
+class DockerPlan:
+    name: str
+    agent_type: str
+    command: str
+    env: dict
+    source_dir: Path
+    excludes: tuple
+    args: object
+
+
+class DockerProvider:
+    backend = "docker"
+
+    def __init__(self, name: str, conf: dict, ctx):
+        self.name = name
+        self.conf = conf
+        self.ctx = ctx
+        self.env = dict(ctx.env)
+        if conf.get("docker_host"):
+            self.env["DOCKER_HOST"] = str(conf["docker_host"])
+        self.records_root = mngr.user_dir(ctx.env) / "hosts"
+        self.network = str(conf.get("network", "none"))
+        self.interval = mngr.parse_duration(ctx.setting("watch_interval", 10))
+
+    # Calling docker -------------------------------------------------------
+
+    def docker(self, *args, timeout=mngr.SUBPROCESS_TIMEOUT, check=True, input=None):
+        """One docker call; an unreachable engine is exit 75 with a clear message."""
+        try:
+            return mngr.run(["docker", *args], env=self.env, timeout=timeout, check=check,
+                            input=input, what=f"docker {args[0]}")
+        except mngr.CommandFailedError as exc:
+            if any(text in exc.detail for text in UNREACHABLE):
+                raise self._unreachable() from None
+            raise
+
+    def _unreachable(self) -> mngr.UnreachableError:
+        where = self.env.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        return mngr.UnreachableError(f"cannot reach the Docker engine at {where}: is dockerd running?",
+                                     "start it, or fix docker_host in settings")
+
+    def _exec(self, container: str, *argv, timeout=mngr.SUBPROCESS_TIMEOUT, check=True, input=None):
+        flags = ["-i"] if input is not None else []
+        return self.docker("exec", *flags, "-e", f"{mngr.ENV_HOST_DIR}={HOST_DIR}", container,
+                           *argv, timeout=timeout, check=check, input=input)
+
+    def _mngr(self, container: str, *argv, **kwargs):
+        return self._exec(container, "python3", "-I", "-S", f"{HOST_DIR}/bin/mngr.py", *argv, **kwargs)
+
+    def tmux(self, container: str) -> mngr.Tmux:
+        def runner(argv, **kwargs):
+            kwargs.pop("what", None)
+            return self._exec(container, *argv, **kwargs)
+        return mngr.Tmux(SOCKET, runner)
+
+    # The controller's records ----------------------------------------------
+
+    def store(self, host_id: str) -> mngr.Store:
+        return mngr.Store(mngr.HostDir(self.records_root / host_id), self.ctx.keyring,
+                          self.ctx.versions)
+
+    def _records(self) -> list:
+        """(store, host record) for every host of this provider instance."""
+        found = []
+        try:
+            dirs = sorted(p for p in self.records_root.iterdir() if mngr.is_id(p.name))
+        except FileNotFoundError:
+            return found
+        for path in dirs:
+            store = self.store(path.name)
+            record, _ = store.read_host()
+            if record is not None and record.provider == self.name:
+                found.append((store, record))
+        return found
+
+    def _set_state(self, store, record, new_state: str):
+        lifecycle = mngr.transition(record.lifecycle, new_state, time.time())
+        record = replace(record, lifecycle=lifecycle,
+                         version=store.next_version(record.id, record.version))
+        store.write_host(record)
+        store.versions.save()
+        return record
+
+    # Reading -----------------------------------------------------------------
+
+    def collect(self) -> list:
+        records = self._records()
+        if self.conf.get("implicit") and not records:
+            return []  # the unconfigured default instance with no hosts: no docker call at all
+        ids = self.docker("ps", "-a", "-q", "--no-trunc", "--filter",
+                          f"label={LABEL}.provider={self.name}").stdout.split()
+        inspected = json.loads(self.docker("inspect", *ids).stdout) if ids else []
+        containers = {c["Config"]["Labels"].get(f"{LABEL}.host-id"): c for c in inspected}
+        running = [c["Id"] for c in inspected if c["State"]["Running"]]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            reports = dict(zip(running, pool.map(self._report, running)))
+        hosts = []
+        for store, record in records:
+            container = containers.pop(record.id, None)
+            hosts.append(self._view(store, record, container,
+                                    reports.get(container["Id"]) if container else None))
+        for host_id, container in containers.items():  # a container without our record
+            missing = mngr.Verification(False, "missing")
+            hosts.append(mngr.HostView(self, None, missing, facts=self._facts(container)))
+        return hosts
+
+    def _report(self, container_id: str):
+        try:
+            result = self._mngr(container_id, "host-report", "--tmux-socket", SOCKET, check=False)
+        except mngr.MngrError as exc:
+            return {"error": exc.line()}
+        if result.returncode != 0:
+            return {"error": (result.stderr.strip().splitlines() or ["host-report failed"])[-1]}
+        try:
+            return json.loads(result.stdout)
+        except ValueError:
+            return {"error": "host-report printed something that is not JSON"}
+
+    @staticmethod
+    def _facts(container) -> dict:
+        if container is None:
+            return {"exists": False}
+        state = container["State"]
+        return {"exists": True, "id": container["Id"], "running": bool(state["Running"]),
+                "status": state["Status"], "exit_code": state.get("ExitCode"),
+                "created": _epoch(container["Created"]),
+                "started": _epoch(state.get("StartedAt")) if state["Running"] else None}
+
+    def _view(self, store, record, container, report):
+        facts = self._facts(container)
+        agents = []
+        for agent_id in record.agents:
+            agent, check = store.read_agent(agent_id)
+            if agent is not None:
+                agents.append((agent, check))
+        verification = mngr.Verification(True)
+        host = mngr.HostView(self, record, verification, facts=facts)
+        if report and "error" in report:
+            host.reachable, host.error = False, report["error"]
+        elif report:
+            host.verification = mngr.verify_document(
+                report.get("document"), self.ctx.keyring, "host", record.id,
+                self.ctx.versions.minimum(record.id))
+            for agent, _ in agents:
+                seen = report.get("agents", {}).get(agent.id, {})
+                check = mngr.verify_document(seen.get("document"), self.ctx.keyring, "agent",
+                                             agent.id, self.ctx.versions.minimum(agent.id))
+                if not check.ok:
+                    host.problems.append(f"agent {agent.name}: {check.reason}")
+        facts["report"] = report
+        panes = (report or {}).get("panes") or {}
+        for agent, check in agents:
+            pane = panes.get(agent.session, False)
+            if pane:
+                pane = mngr.PaneInfo(**pane)
+            status = ((report or {}).get("agents", {}).get(agent.id) or {}).get("status") or {}
+            state = mngr.agent_state(status.get("pane_pid", 0), pane) if report else "stopped"
+            agents_view = mngr.AgentView(agent, host, state, check,
+                                         exit_status=pane.dead_status if pane and pane.dead else None,
+                                         attached=bool(pane and pane.attached))
+            host.agents.append(agents_view)
+        return host
+
+    def refresh(self, host):
+        for fresh in self.collect():
+            if host.record is not None and fresh.record and fresh.record.id == host.record.id:
+                return fresh
+            if host.record is None and fresh.facts.get("id") == host.facts.get("id"):
+                return fresh
+        return None
+
+    def default_policy(self) -> mngr.IdlePolicy:
+        return mngr.default_policy(self.ctx.settings, self.name, trusted=False)
+
+    def observe(self, host, now: float) -> mngr.Observation:
+        facts = host.facts
+        record = host.record
+        policy = record.policy if record else self.default_policy()
+        believe = policy.trust == "trusted" or policy.trust_reported
+        report = facts.get("report") or {}
+        reported = []
+        for agent in host.agents:
+            seen = (report.get("agents") or {}).get(agent.record.id) or {}
+            started = (seen.get("status") or {}).get("started_at")
+            if isinstance(started, (int, float)):
+                reported.append(("start", float(started)))
+            if isinstance(seen.get("output_mtime"), (int, float)):
+                reported.append(("agent", float(seen["output_mtime"])))
+        for pane in (report.get("panes") or {}).values():
+            if pane and pane.get("window_activity"):
+                reported.append(("agent", float(pane["window_activity"])))
+            if pane and pane.get("client_activity"):
+                reported.append(("user", float(pane["client_activity"])))
+        for source, stamp in (report.get("activity") or {}).items():
+            if isinstance(stamp, (int, float)):
+                reported.append((source, float(stamp)))
+        if report.get("ssh_open"):
+            reported.append(("ssh", now))
+        exists = bool(facts.get("exists"))
+        running = bool(facts.get("running"))
+        signed_state = record.lifecycle.state if record else "running"
+        created = [a.record.created_at for a in host.agents]
+        return mngr.Observation(
+            exists=exists, running=running,
+            state=mngr.derive_state(exists, running, signed_state),
+            state_since=record.lifecycle.since if record else (facts.get("created") or now),
+            verify_error=host.verify_error if running else "",
+            certified_created_at=facts.get("created"),
+            certified_boot_time=facts.get("started"),
+            signed_created_at=max(created) if created else None,
+            process_alive=believe and any(a.state == "running" for a in host.agents),
+            reported=tuple(sorted(reported)),
+            deploy_lock_since=report.get("deploy_lock_since"))
+
+    # Creating ---------------------------------------------------------------
+
+    def plan_agent(self, args, name) -> DockerPlan:
+        name, agent_type, command, env = mngr.agent_basics(self.ctx, args, name, programs_here=False)
+        source = Path(args.source or self.ctx.cwd).resolve()
+        if not source.is_dir():
+            raise mngr.UsageError(f"source dir {source} does not exist", "give an existing --source DIR")
+        if args.work_mode in ("in_place", "worktree") or args.target or args.base_branch \
+                or args.new_branch:
+            raise mngr.UsageError("a container host gets a copy of the source dir",
+                                  "drop --in-place/--worktree/--target/--base-branch/--new-branch")
+        if args.dockerfile and args.image:
+            raise mngr.UsageError("both --image and --dockerfile given", "use one of them")
+        if args.dockerfile and not Path(args.dockerfile).is_file():
+            raise mngr.UsageError(f"no Dockerfile at {args.dockerfile}")
+        mngr.apply_policy_flags(self.default_policy(), args)
+        return DockerPlan(name, agent_type, command, env, source, tuple(args.exclude), args)
+
+    def create_agent(self, plan: DockerPlan, host=None):
+        args = plan.args
+        if host is not None:
+            return self._add_agent(plan, host)
+        for store, record in self._records():
+            if record.name == plan.name:
+                raise mngr.RefusedError(f"a docker host named {plan.name} already exists",
+                                        f"pick another name, or add to it: --host {plan.name}")
+        now = time.time()
+        host_id = mngr.new_id()
+        store = self.store(host_id)
+        building = bool(args.dockerfile) or not (args.image or self.conf.get("image"))
+        policy = mngr.apply_policy_flags(self.default_policy(), args)
+        record = mngr.HostRecord(id=host_id, name=plan.name, provider=self.name,
+                                 lifecycle=mngr.Lifecycle("building" if building else "starting", now),
+                                 policy=policy, created_at=now)
+        store.host_dir.skeleton()
+        store.write_host(record)
+        store.versions.save()
+        try:
+            image = self._image(plan) if building else (args.image or self.conf["image"])
+            if building:
+                record = self._set_state(store, record, "starting")
+            self._require_image(image, args.pull)
+            agent = self._agent_record(plan, host_id, now)
+            store.write_agent(agent)
+            mngr.atomic_write(store.host_dir.agent_dir(agent.id) / "env",
+                              mngr.format_env_file(plan.env), mode=0o600)
+            record = replace(record, agents=(agent.id,),
+                             version=store.next_version(host_id, record.version))
+            store.write_host(record)
+            container = self._create_container(record, image, args)
+            self._copy_in(container, store, agent, plan)
+            self.docker("start", container)
+            self._wait_ready(container)
+            self._mngr(container, "agent-start", agent.id, "--tmux-socket", SOCKET)
+            record = self._set_state(store, record, "running")
+            self._push_records(container, store, running=True)
+        except BaseException as exc:
+            current, _ = store.read_host()
+            if current is not None and "failed" in mngr.HOST_TRANSITIONS[current.lifecycle.state]:
+                self._set_state(store, current, "failed")
+            if isinstance(exc, mngr.MngrError):
+                exc.hint = exc.hint or f"the host shows as failed; remove it: mngr destroy -f {plan.name}"
+            raise
+        store.versions.save()
+        return self._find_agent(agent.id)
+
+    def _agent_record(self, plan: DockerPlan, host_id: str, now: float) -> mngr.AgentRecord:
+        return mngr.AgentRecord(
+            id=mngr.new_id(), name=plan.name, host_id=host_id, agent_type=plan.agent_type,
+            command=plan.command, session=self.ctx.prefix + plan.name,
+            work_dir=f"{WORK_ROOT}/{plan.name}", work_mode="copy", source_dir=str(plan.source_dir),
+            start_on_boot=bool(plan.args.start_on_boot), created_at=now)
+
+    def _add_agent(self, plan: DockerPlan, host):
+        if not host.facts.get("running"):
+            raise mngr.RefusedError(f"host {host.name} is not running",
+                                    f"start one of its agents first: mngr start {host.agents[0].record.name}"
+                                    if host.agents else "start it first")
+        if any(a.record.name == plan.name for a in host.agents):
+            raise mngr.RefusedError(f"host {host.name} already has an agent named {plan.name}")
+        store = self.store(host.record.id)
+        container = host.facts["id"]
+        agent = self._agent_record(plan, host.record.id, time.time())
+        store.write_agent(agent)
+        mngr.atomic_write(store.host_dir.agent_dir(agent.id) / "env",
+                          mngr.format_env_file(plan.env), mode=0o600)
+        record = replace(host.record, agents=host.record.agents + (agent.id,),
+                         policy=mngr.apply_policy_flags(host.record.policy, plan.args),
+                         version=store.next_version(host.record.id, host.record.version))
+        store.write_host(record)
+        self._copy_in(container, store, agent, plan)
+        self._push_records(container, store, running=True)
+        self._mngr(container, "agent-start", agent.id, "--tmux-socket", SOCKET)
+        store.versions.save()
+        return self._find_agent(agent.id)
+
+    def _find_agent(self, agent_id: str):
+        for host in self.collect():
+            for agent in host.agents:
+                if agent.record.id == agent_id:
+                    return agent
+        raise mngr.NotFoundError(f"agent {agent_id} vanished")
+
+    def _image(self, plan: DockerPlan) -> str:
+        """Build the host's image: from --dockerfile, or the embedded default."""
+        args = plan.args
+        if args.dockerfile:
+            tag = f"mngr-build:{os.urandom(4).hex()}"
+            argv = ["build", "-t", tag, "-f", str(Path(args.dockerfile).resolve())]
+            context = str(Path(args.dockerfile).resolve().parent)
+        else:
+            tag = f"mngr-default:{mngr.__version__}"
+            if self.docker("image", "inspect", tag, check=False).returncode == 0:
+                return tag
+            argv = ["build", "-t", tag, "-"]
+            context = None
+        for item in args.build_arg:
+            argv += ["--build-arg", item]
+        if args.pull:
+            argv.append("--pull")
+        if context:
+            argv.append(context)
+        result = self.docker(*argv, timeout=1800, check=False,
+                             input=None if context else DEFAULT_DOCKERFILE)
+        if result.returncode != 0:
+            tail = (result.stderr.strip().splitlines() or ["docker build failed"])[-1]
+            raise mngr.CommandFailedError(f"building the image failed: {tail}",
+                                          "without a registry, base the image on one you have "
+                                          "(docker images), or pass --pull", detail=result.stderr)
+        return tag
+
+    def _require_image(self, image: str, pull: bool) -> None:
+        if self.docker("image", "inspect", image, check=False).returncode == 0:
+            return
+        if not pull:
+            raise mngr.RefusedError(f"image {image} is not available locally",
+                                    "build or load it, or pass --pull to let docker pull it")
+        self.docker("pull", image, timeout=1800)
+
+    def _create_container(self, record: mngr.HostRecord, image: str, args) -> str:
+        labels = {"host-id": record.id, "host-name": record.name, "provider": self.name,
+                  "created-at": str(int(record.created_at)), "version": mngr.__version__}
+        argv = ["create", "--name", f"mngr-{record.name}", "--hostname", record.name,
+                "--network", self.network, "-e", f"{mngr.ENV_HOST_DIR}={HOST_DIR}"]
+        for key, value in labels.items():
+            argv += ["--label", f"{LABEL}.{key}={value}"]
+        for key, value in sorted((self.conf.get("labels") or {}).items()):
+            argv += ["--label", f"{key}={value}"]
+        if args.cpus:
+            argv += ["--cpus", str(args.cpus)]
+        if args.memory:
+            argv += ["--memory", str(args.memory)]
+        for item in args.start_arg:
+            argv += shlex.split(item)
+        init = (f"command -v python3 >/dev/null 2>&1 || exit {mngr.EXIT_INIT_NO_PYTHON}; "
+                f"python3 -c 'import sys; sys.exit(sys.version_info < (3, 9))' "
+                f"|| exit {mngr.EXIT_INIT_OLD_PYTHON}; "
+                f"command -v tmux >/dev/null 2>&1 || exit {mngr.EXIT_INIT_NO_TMUX}; "
+                f"exec python3 -I -S {HOST_DIR}/bin/mngr.py host-init --tmux-socket {SOCKET} "
+                f"--interval {self.interval}")
+        argv += ["--entrypoint", "sh", image, "-c", init]
+        result = self.docker(*argv, check=False)
+        if result.returncode != 0:
+            if "Conflict" in result.stderr and "already in use" in result.stderr:
+                raise mngr.RefusedError(f"a container named mngr-{record.name} already exists",
+                                        "pick another name, or remove that container")
+            tail = (result.stderr.strip().splitlines() or ["docker create failed"])[-1]
+            raise mngr.CommandFailedError(f"docker create failed: {tail}", detail=result.stderr)
+        return result.stdout.strip()
+
+    def _copy_in(self, container: str, store: mngr.Store, agent: mngr.AgentRecord,
+                 plan: DockerPlan) -> None:
+        """The host dir skeleton and the agent's work dir, as tar streams through docker cp."""
+        self._push_records(container, store, running=False, agent_ids=[agent.id], skeleton=True)
+        data = io.BytesIO()
+        with tarfile.open(fileobj=data, mode="w") as tar:
+            top = tarfile.TarInfo(WORK_ROOT.strip("/"))
+            top.type, top.mode, top.mtime = tarfile.DIRTYPE, 0o755, time.time()
+            tar.addfile(top)
+
+            def keep(info):
+                rel = info.name.split("/", 2)[2] if info.name.count("/") >= 2 else ""
+                if rel and any(fnmatch.fnmatch(rel, pattern) or fnmatch.fnmatch(Path(rel).name, pattern)
+                               for pattern in plan.excludes):
+                    return None
+                return info
+            tar.add(plan.source_dir, arcname=f"{WORK_ROOT.strip('/')}/{plan.name}", filter=keep)
+        self.docker("cp", "-", f"{container}:/", input=data.getvalue(), timeout=600)
+
+    def _push_records(self, container: str, store: mngr.Store, running: bool,
+                      agent_ids=None, skeleton: bool = False) -> None:
+        """Put the controller's signed records (and, first time, mngr.py) into the host."""
+        root = store.host_dir
+        files = {"data.json": root.data.read_bytes()}
+        for agent_id in agent_ids if agent_ids is not None else _record_agents(root):
+            agent_dir = root.agent_dir(agent_id)
+            for name in ("data.json", "env"):
+                if (agent_dir / name).exists():
+                    files[f"agents/{agent_id}/{name}"] = (agent_dir / name).read_bytes()
+        if skeleton:
+            files["bin/mngr.py"] = Path(mngr.__file__).resolve().read_bytes()
+            files["env"] = root.env.read_bytes() if root.env.exists() else b""
+        if running:  # atomic inside a live host: the watcher and enforce may be reading
+            for rel, content in files.items():
+                self._mngr(container, "write-file", rel, input=content)
+            return
+        stream = io.BytesIO()
+        with tarfile.open(fileobj=stream, mode="w") as tar:
+            dirs = {"mngr"} | {f"mngr/{d}" for d in ("activity", "agents", "bin", "events", "logs",
+                                                      "hooks", "hooks/boot", "hooks/post_services",
+                                                      "hooks/stop")} if skeleton else set()
+            for rel in files:
+                parts = rel.split("/")[:-1]
+                for i in range(1, len(parts) + 1):
+                    dirs.add("mngr/" + "/".join(parts[:i]))
+            for name in sorted(dirs):
+                info = tarfile.TarInfo(name)
+                info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, time.time()
+                tar.addfile(info)
+            for rel, content in files.items():
+                info = tarfile.TarInfo(f"mngr/{rel}")
+                info.size, info.mtime = len(content), time.time()
+                info.mode = 0o755 if rel == "bin/mngr.py" else 0o600 if rel.endswith("env") else 0o644
+                tar.addfile(info, io.BytesIO(content))
+        self.docker("cp", "-", f"{container}:/", input=stream.getvalue(), timeout=120)
+
+    def _wait_ready(self, container: str) -> None:
+        """Until host-init answers; a PID 1 that exits is explained by its sentinel code."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            state = json.loads(self.docker("inspect", "-f", "{{json .State}}", container).stdout)
+            if not state["Running"]:
+                code = state.get("ExitCode")
+                reason = mngr.INIT_EXIT_REASONS.get(code, f"PID 1 exited with code {code}")
+                raise mngr.RefusedError(f"the host did not start: {reason}",
+                                        "use an image with python3 (3.9+) and tmux, e.g. "
+                                        "apt-get install python3 tmux in its Dockerfile")
+            probe = self._mngr(container, "host-info", check=False)
+            if probe.returncode == 0:
+                return
+            time.sleep(0.2)
+        raise mngr.CommandTimedOutError(f"the host did not become ready in {READY_TIMEOUT:g}s")
+
+    # Acting on agents and hosts ---------------------------------------------
+
+    def _container(self, view) -> str:
+        host = view.host if isinstance(view, mngr.AgentView) else view
+        if not host.facts.get("exists"):
+            raise mngr.RefusedError(f"host {host.name}'s container is gone",
+                                    f"remove what is left: mngr destroy -f {view.record.name}"
+                                    if isinstance(view, mngr.AgentView) else "destroy it")
+        return host.facts["id"]
+
+    def start_agent(self, view):
+        container = self._container(view)
+        if not view.host.facts.get("running"):
+            self._start_host(view.host)
+        self.tmux(container).kill(view.record.session)
+        self._mngr(container, "agent-start", view.record.id, "--tmux-socket", SOCKET)
+        return self._find_agent(view.record.id)
+
+    def _start_host(self, host) -> None:
+        store = self.store(host.record.id)
+        record, _ = store.read_host()
+        record = self._set_state(store, record, "starting")
+        container = host.facts["id"]
+        self._push_records(container, store, running=False)
+        try:
+            self.docker("start", container)
+            self._wait_ready(container)
+        except mngr.MngrError:
+            self._set_state(store, record, "failed")
+            raise
+        self._set_state(store, record, "running")
+        self._push_records(container, store, running=True)
+
+    def stop_agent(self, view) -> None:
+        container = self._container(view)
+        others = [a for a in view.host.agents if a.record.id != view.record.id and a.state == "running"]
+        if not others and view.host.facts.get("running"):
+            self.stop_host(view.host)  # its last running agent: stop the container, stop paying
+        elif view.host.facts.get("running"):
+            self.tmux(container).kill(view.record.session)
+
+    def stop_host(self, host) -> None:
+        self._stop(host, ["stop", "-t", str(STOP_TIMEOUT)])
+
+    def force_stop_host(self, host) -> None:
+        self._stop(host, ["kill"])
+
+    def _stop(self, host, argv) -> None:
+        if host.record is None:  # a container of ours without a record: stop it, nothing else
+            self.docker(*argv, host.facts["id"], timeout=STOP_TIMEOUT + 30)
+            return
+        store = self.store(host.record.id)
+        record, _ = store.read_host()
+        if record.lifecycle.state == "running":
+            record = self._set_state(store, record, "stopping")
+        self.docker(*argv, host.facts["id"], timeout=STOP_TIMEOUT + 30)
+        self._set_state(store, record, "stopped")
+        self._push_records(host.facts["id"], store, running=False)
+
+    def mark_failed(self, host) -> None:
+        store = self.store(host.record.id)
+        record, _ = store.read_host()
+        self._set_state(store, record, "failed")
+
+    def send_message(self, view, text: str) -> None:
+        self.tmux(self._container(view)).send(view.record.session, text)
+
+    def output(self, view, lines: int) -> str:
+        container = self._container(view)
+        if view.state != "stopped" and view.host.facts.get("running"):
+            return self.tmux(container).capture(view.record.session, lines)
+        result = mngr.run(["docker", "cp", f"{container}:{HOST_DIR}/agents/{view.record.id}/logs/output.log",
+                           "-"], env=self.env, check=False, text=False, what="docker cp")
+        if result.returncode != 0:
+            return ""
+        with tarfile.open(fileobj=io.BytesIO(result.stdout)) as tar:
+            member = tar.extractfile(tar.getmembers()[0])
+            text = member.read().decode(errors="replace") if member else ""
+        return "\n".join(text.splitlines()[-lines:]) + "\n"
+
+    def exec_in(self, view, shell_command: str, timeout) -> int:
+        container = self._container(view)
+        if not view.host.facts.get("running"):
+            raise mngr.RefusedError(f"host {view.host.name} is stopped",
+                                    f"start it: mngr start {view.record.name}")
+        env = mngr.read_env_file(self.store(view.host.record.id).host_dir.agent_dir(view.record.id) / "env")
+        argv = ["docker", "exec", "-i", "-w", view.record.work_dir,
+                "-e", f"{mngr.ENV_HOST_DIR}={HOST_DIR}", "-e", f"MNGR_AGENT_NAME={view.record.name}",
+                "-e", f"MNGR_AGENT_ID={view.record.id}"]
+        for key, value in sorted(env.items()):
+            argv += ["-e", f"{key}={value}"]
+        argv += [container, "sh", "-c", shell_command]
+        return mngr.run(argv, env=self.env, capture=False, check=False, timeout=timeout,
+                        what=f"exec in {view.record.name}").returncode
+
+    def attach(self, view) -> int:
+        import sys
+
+        if not sys.stdin.isatty():
+            raise mngr.RefusedError("cannot attach: stdin is not a terminal",
+                                    f"run it from a terminal: mngr connect {view.record.name}")
+        container = self._container(view)
+        self._exec(container, "touch", f"{HOST_DIR}/activity/user", check=False)
+        return mngr.run(["docker", "exec", "-it", container, "tmux", "-L", SOCKET, "attach-session",
+                         "-t", f"={view.record.session}"], env=self.env, capture=False,
+                        check=False, timeout=None, what="docker exec tmux attach").returncode
+
+    def destroy_agent(self, view, remove_work: bool, discard_changes: bool) -> None:
+        """Forget the agent; a host left with no agents is removed with its container."""
+        host = view.host
+        store = self.store(host.record.id)
+        record, _ = store.read_host()
+        remaining = tuple(a for a in record.agents if a != view.record.id)
+        if not remaining:
+            if host.facts.get("exists"):
+                self.docker("rm", "-f", host.facts["id"], timeout=120)
+            import shutil
+
+            shutil.rmtree(store.host_dir.root, ignore_errors=True)
+            return
+        if host.facts.get("running"):
+            self.tmux(host.facts["id"]).kill(view.record.session)
+        record = replace(record, agents=remaining, version=store.next_version(record.id, record.version))
+        store.write_host(record)
+        store.versions.save()
+        import shutil
+
+        shutil.rmtree(store.host_dir.agent_dir(view.record.id), ignore_errors=True)
+        if host.facts.get("exists"):
+            self._push_records(host.facts["id"], store, running=bool(host.facts.get("running")))
+
+    def update_policy(self, host, policy: mngr.IdlePolicy) -> None:
+        store = self.store(host.record.id)
+        record, _ = store.read_host()
+        store.write_host(replace(record, policy=policy,
+                                 version=store.next_version(record.id, record.version)))
+        store.versions.save()
+        if host.facts.get("exists"):
+            self._push_records(host.facts["id"], store, running=bool(host.facts.get("running")))
+
+    def update_agent(self, view, **changes) -> None:
+        store = self.store(view.host.record.id)
+        agent, _ = store.read_agent(view.record.id)
+        store.write_agent(replace(agent, version=store.next_version(agent.id, agent.version), **changes))
+        store.versions.save()
+        if view.host.facts.get("exists"):
+            self._push_records(view.host.facts["id"], store, running=bool(view.host.facts.get("running")))
+
+    def resign(self, keyring) -> int:
+        count = 0
+        for old, record in self._records():
+            new = mngr.Store(old.host_dir, keyring, self.ctx.versions)
+            for agent_id in record.agents:
+                agent, _ = old.read_agent(agent_id)
+                if agent is not None:
+                    new.write_agent(replace(agent, version=new.next_version(agent.id, agent.version)))
+                    count += 1
+            new.write_host(replace(record, version=new.next_version(record.id, record.version)))
+            count += 1
+        return count
+
+
+def _record_agents(host_dir: mngr.HostDir) -> list:
+    try:
+        return [p.name for p in host_dir.agents.iterdir() if mngr.is_id(p.name)]
+    except FileNotFoundError:
+        return []
+
+
+def _epoch(text):
+    """Docker's RFC 3339 timestamps (nanoseconds, Z) to epoch seconds."""
+    if not text or text.startswith("0001-"):
+        return None
+    from datetime import datetime
+
+    main, _, fraction = text.rstrip("Z").partition(".")
+    stamp = datetime.strptime(main, "%Y-%m-%dT%H:%M:%S")
+    seconds = (stamp - datetime(1970, 1, 1)).total_seconds()
+    return seconds + (float(f"0.{fraction[:6]}") if fraction else 0.0)
