@@ -68,14 +68,19 @@ class DockerProvider:
     # Calling docker -------------------------------------------------------
 
     def docker(self, *args, timeout=mngr.SUBPROCESS_TIMEOUT, check=True, input=None):
-        """One docker call; an unreachable engine is exit 75 with a clear message."""
-        try:
-            return mngr.run(["docker", *args], env=self.env, timeout=timeout, check=check,
-                            input=input, what=f"docker {args[0]}")
-        except mngr.CommandFailedError as exc:
-            if any(text in exc.detail for text in UNREACHABLE):
-                raise self._unreachable() from None
-            raise
+        """One docker call; an unreachable engine is exit 75 with a clear message,
+        whether or not the caller checks the exit code."""
+        result = mngr.run(["docker", *args], env=self.env, timeout=timeout, check=False,
+                          input=input, what=f"docker {args[0]}")
+        if result.returncode != 0:
+            if any(text in result.stderr for text in UNREACHABLE):
+                raise self._unreachable()
+            if check:
+                tail = (result.stderr.strip().splitlines() or [""])[-1]
+                raise mngr.CommandFailedError(f"docker {args[0]} failed (exit {result.returncode})"
+                                              + (f": {tail}" if tail else ""),
+                                              detail=result.stderr, returncode=result.returncode)
+        return result
 
     def _unreachable(self) -> mngr.UnreachableError:
         where = self.env.get("DOCKER_HOST") or "unix:///var/run/docker.sock"

@@ -1,0 +1,167 @@
+"""The Docker provider against a real Docker engine and an image built offline.
+
+Each test gets its own provider instance name; its containers carry that
+name in their labels, and the fixture removes exactly those, by id.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from conftest import need, wait_for
+
+IMAGE = os.environ.get("MNGR_TEST_IMAGE", "mngr-test-base:bookworm")
+INTERVAL = 1
+
+
+def docker(*args, check=True, input=None):
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=check,
+                          input=input, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def engine():
+    ok = subprocess.run(["docker", "info"], capture_output=True).returncode == 0 \
+        if subprocess.run(["sh", "-c", "command -v docker"], capture_output=True).returncode == 0 else False
+    need(ok, "a running Docker engine (make test starts one)")
+    need(docker("image", "inspect", IMAGE, check=False).returncode == 0,
+         f"the test image {IMAGE} (make test builds it offline)")
+
+
+@pytest.fixture
+def dk(mngr_cli, engine):
+    """The CLI with a docker provider instance of its own."""
+    name = f"dk{os.getpid()}{mngr_cli.socket[-6:]}".replace("-", "")
+    config = mngr_cli.home / ".config" / "mngr"
+    config.mkdir(parents=True)
+    (config / "settings.toml").write_text(
+        f"watch_interval = {INTERVAL}\n[providers.{name}]\nbackend = \"docker\"\nimage = \"{IMAGE}\"\n"
+        f"labels = {{ \"com.imbue.mngr.test\" = \"1\" }}\n")
+    mngr_cli.provider = name
+    yield mngr_cli
+    ids = docker("ps", "-aq", "--filter", f"label=com.imbue.mngr.provider={name}").stdout.split()
+    if ids:
+        docker("rm", "-f", *ids, check=False)
+
+
+def rows(cli):
+    return {r["name"]: r for r in json.loads(cli.ok("list", "--json").out)}
+
+
+def container(cli, host):
+    ids = docker("ps", "-aq", "--filter", f"label=com.imbue.mngr.host-name={host}",
+                 "--filter", f"label=com.imbue.mngr.provider={cli.provider}").stdout.split()
+    return ids[0] if ids else None
+
+
+def status(cid):
+    return docker("inspect", "-f", "{{.State.Status}}", cid).stdout.strip()
+
+
+ECHO = 'while read -r l; do echo "heard: $l"; done'
+
+
+def test_full_lifecycle(dk):
+    src = dk.work / "src"
+    (src / "skip").mkdir(parents=True)
+    (src / "keep.txt").write_text("kept")
+    (src / "skip" / "big.bin").write_text("excluded")
+    row = json.loads(dk.ok("create", "box", "--in", dk.provider, "--source", str(src), "--exclude",
+                           "skip", "--agent-cmd", ECHO, "--no-connect", "--json").out)
+    assert row["state"] == "running" and row["host_state"] == "running"
+    assert row["work_dir"] == "/work/box"
+    cid = container(dk, "box")
+    inspect = json.loads(docker("inspect", cid).stdout)[0]
+    assert inspect["HostConfig"]["NetworkMode"] == "none"
+    labels = inspect["Config"]["Labels"]
+    assert labels["com.imbue.mngr.host-id"] == row["host_id"] and labels["com.imbue.mngr.test"] == "1"
+
+    out = dk("exec", "box", "--", "pwd; ls; echo $MNGR_AGENT_NAME; exit 3")
+    assert out.code == 3 and out.out.split() == ["/work/box", "keep.txt", "box"]
+    dk.ok("message", "box", "-m", "hello box")
+    assert wait_for(lambda: "heard: hello box" in dk.ok("logs", "box").out)
+    assert rows(dk)["box"]["idle_mode"] == "io"  # docker hosts: io, untrusted
+
+    dk.ok("stop", "box")
+    assert status(cid) == "exited"
+    assert rows(dk)["box"]["host_state"] == "stopped" and rows(dk)["box"]["state"] == "stopped"
+    dk.ok("start", "box")
+    assert status(cid) == "running" and rows(dk)["box"]["state"] == "running"
+    dk.ok("msg", "box", "-m", "again")
+    assert wait_for(lambda: "heard: again" in dk.ok("logs", "box").out)
+
+    dk.ok("create", "second", "--host", "box", "--agent-cmd", "sleep 600", "--no-connect")
+    assert rows(dk)["second"]["host"] == "box" and rows(dk)["second"]["state"] == "running"
+    dk.ok("destroy", "-f", "second")
+    assert container(dk, "box") == cid  # the host keeps its other agent
+    dk.ok("destroy", "-f", "box")
+    assert container(dk, "box") is None and rows(dk) == {}
+
+
+def test_the_watcher_inside_stops_an_idle_host(dk):
+    dk.ok("create", "sleepy", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect",
+          "--idle-mode", "create", "--idle-timeout", "3s")
+    cid = container(dk, "sleepy")
+    assert wait_for(lambda: status(cid) == "exited", timeout=3 + INTERVAL + 8)
+    assert rows(dk)["sleepy"]["host_state"] == "stopped"
+    events = docker("cp", f"{cid}:/mngr/events/init.jsonl", "-").stdout
+    assert "stopping" in events  # PID 1 ran its stop path: hooks, agents, exit
+
+
+def test_enforce_stops_an_untrusted_host_that_fights_back(dk):
+    hostile = ("while true; do pkill -f 'mngr[.]py watch'; touch /mngr/activity/agent "
+               "/mngr/activity/user; echo busy; sleep 0.3; done")
+    dk.ok("create", "hostile", "--in", dk.provider, "--agent-cmd", hostile, "--no-connect",
+          "--idle-mode", "io", "--idle-timeout", "4s")
+    cid = container(dk, "hostile")
+    time.sleep(5)
+    assert status(cid) == "running"  # its watcher is dead and its activity looks fresh
+    result = dk("enforce", "--json", "--provider", dk.provider)
+    assert result.code == 0, result.err
+    row = json.loads(result.out)[0]
+    assert row["action"] == "stop" and row["result"] == "done" and row["cause"] == "idle"
+    assert status(cid) == "exited"
+
+
+def test_a_tampered_record_inside_the_container_is_caught(dk):
+    dk.ok("create", "tamper", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect",
+          "--idle-timeout", "1h")
+    cid = container(dk, "tamper")
+    docker("exec", cid, "sed", "-i", 's/"idle_timeout": 3600/"idle_timeout": 999999/',
+           "/mngr/data.json")
+    row = json.loads(dk.ok("enforce", "--json", "--provider", dk.provider).out)[0]
+    assert row["action"] == "stop" and "tampered: host record: bad signature" in row["reason"]
+    assert status(cid) == "exited"
+
+
+def test_a_container_removed_behind_our_back(dk):
+    dk.ok("create", "ghost", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect")
+    docker("rm", "-f", container(dk, "ghost"))
+    assert rows(dk)["ghost"]["host_state"] == "destroyed"
+    result = dk("enforce", "--json", "--provider", dk.provider)
+    assert result.code == 0 and json.loads(result.out)[0]["result"] == "gone"
+    dk.ok("destroy", "-f", "ghost")
+    assert rows(dk) == {}
+
+
+def test_an_unreachable_engine_is_exit_75_with_a_clear_message(dk):
+    settings = dk.home / ".config" / "mngr" / "settings.toml"
+    settings.write_text(settings.read_text() + 'docker_host = "unix:///nonexistent/docker.sock"\n')
+    dk.ok("create", "x", "--agent-cmd", "sleep 1", "--no-connect")  # a local agent still works
+    result = dk("create", "y", "--in", dk.provider, "--agent-cmd", "sleep 1", "--no-connect")
+    assert result.code == 75
+    assert "cannot reach the Docker engine at unix:///nonexistent/docker.sock" in result.err
+    assert result.err.count("\n") == 1
+
+
+def test_an_image_without_python3_is_a_clear_create_error(dk, tmp_path):
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text(f"FROM {IMAGE}\nRUN rm -f /usr/bin/python3*\n")
+    result = dk("create", "nopy", "--in", dk.provider, "--dockerfile", str(dockerfile),
+                "--agent-cmd", "sleep 1", "--no-connect")
+    assert result.code == 1 and "the image has no python3" in result.err
+    assert rows(dk) == {} or rows(dk).get("nopy", {}).get("host_state") in (None, "failed")
