@@ -2003,6 +2003,7 @@ def _args_create(sp, Parser):
     group.add_argument("--cpus", metavar="N", help="CPU limit")
     group.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 2g")
     group.add_argument("--pull", action="store_true", help="allow docker to pull missing images")
+    group.add_argument("--snapshot", metavar="ID", help="start the new host from this snapshot")
     group.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                        help="leave matching paths out of the copied work dir (repeatable)")
     mode = sp.add_mutually_exclusive_group()
@@ -2062,10 +2063,27 @@ def _args_logs(sp, Parser):
 
 def _args_stop(sp, Parser):
     _add_targets(sp)
+    sp.add_argument("--snapshot-mode", choices=("auto", "always", "never"), default="auto",
+                    help="snapshot a host before stopping it (auto: when its provider would "
+                         "lose its disk)")
 
 
 def _args_start(sp, Parser):
     _add_targets(sp)
+    sp.add_argument("--snapshot", metavar="ID", help="start the agent's host from this snapshot")
+
+
+def _args_snapshot(sp, Parser):
+    actions = sp.add_subparsers(dest="snapshot_command", metavar="ACTION", parser_class=Parser)
+    actions.required = True
+    for name, help_text in (("create", "snapshot the host of an agent"),
+                            ("list", "list snapshots"), ("destroy", "delete snapshots")):
+        asp = actions.add_parser(name, help=help_text, description=help_text)
+        _add_output_flags(asp)
+        if name == "create":
+            asp.add_argument("agent", metavar="AGENT", help="an agent on the host to snapshot")
+        if name == "destroy":
+            asp.add_argument("snapshots", nargs="+", metavar="ID")
 
 
 def _args_destroy(sp, Parser):
@@ -2253,6 +2271,7 @@ COMMAND_TABLE = (
     ("destroy", ("rm",), "destroy agents", _args_destroy),
     ("config", (), "read and change settings", _args_config),
     ("keys", (), "the signing keys", _args_keys),
+    ("snapshot", (), "snapshots of hosts: create, list, destroy", _args_snapshot),
     ("enforce", (), "stop idle and stuck hosts (run it from cron)", _args_enforce),
     ("limit", ("lim",), "change the idle policy of agents' hosts", _args_limit),
 )
@@ -2752,7 +2771,7 @@ def cmd_stop(args, ctx) -> int:
     def stop(agent):
         if agent.state == "stopped":
             return "already stopped:"
-        agent.host.provider.stop_agent(agent)
+        agent.host.provider.stop_agent(agent, snapshot_mode=args.snapshot_mode)
         return "stopped"
     return run_on_targets(ctx, agents, stop, "stopped")
 
@@ -2761,12 +2780,46 @@ def cmd_stop(args, ctx) -> int:
 def cmd_start(args, ctx) -> int:
     agents = ctx.resolve(args.agents, args.all, args.stdin)
 
+    if args.snapshot and len(agents) != 1:
+        raise UsageError("--snapshot starts one host", "name one agent")
+
     def start(agent):
+        if args.snapshot:
+            agent.host.provider.start_from_snapshot(agent, args.snapshot)
+            return "started from snapshot:"
         if agent.state == "running":
             return "already running:"
         agent.host.provider.start_agent(agent)
         return "started"
     return run_on_targets(ctx, agents, start, "started")
+
+
+@command("snapshot")
+def cmd_snapshot(args, ctx) -> int:
+    if args.snapshot_command == "create":
+        (agent,) = ctx.resolve([args.agent])[:1]
+        row = agent.host.provider.snapshot_create(agent.host)
+        emit(ctx, row, f"snapshot {row['id']} of host {row['host']}")
+        return EXIT_OK
+    snapshots = []
+    for provider in ctx.providers():
+        if hasattr(provider, "snapshot_list"):
+            snapshots += [(provider, row) for row in provider.snapshot_list()]
+    if args.snapshot_command == "list":
+        rows = [row for _, row in snapshots]
+        emit(ctx, rows, lambda: table(rows, [("id", "id"), ("host", "host"), ("provider", "provider"),
+                                             ("created", "created_at"), ("size", "size")])
+             or "no snapshots")
+        return EXIT_OK
+    known = {row["id"]: provider for provider, row in snapshots}
+    missing = [s for s in args.snapshots if s not in known]
+    if missing:
+        raise NotFoundError(f"no snapshot {', '.join(missing)}", "see mngr snapshot list")
+    for snapshot in args.snapshots:
+        known[snapshot].snapshot_destroy(snapshot)
+    emit(ctx, [{"id": s, "destroyed": True} for s in args.snapshots],
+         "\n".join(f"destroyed snapshot {s}" for s in args.snapshots))
+    return EXIT_OK
 
 
 @command("destroy")

@@ -36,6 +36,7 @@ FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends \\
         python3 tmux procps git ca-certificates && rm -rf /var/lib/apt/lists/*
 """
+SNAPSHOT_REPO = "mngr-snapshot"
 UNREACHABLE = ("Cannot connect to the Docker daemon", "error during connect",
                "Is the docker daemon running", "connection refused")
 
@@ -289,7 +290,8 @@ class DockerProvider:
         now = time.time()
         host_id = mngr.new_id()
         store = self.store(host_id)
-        building = bool(args.dockerfile) or not (args.image or self.conf.get("image"))
+        building = not args.snapshot and (bool(args.dockerfile)
+                                          or not (args.image or self.conf.get("image")))
         policy = mngr.apply_policy_flags(self.default_policy(), args)
         record = mngr.HostRecord(id=host_id, name=plan.name, provider=self.name,
                                  lifecycle=mngr.Lifecycle("building" if building else "starting", now),
@@ -298,7 +300,10 @@ class DockerProvider:
         store.write_host(record)
         store.versions.save()
         try:
-            image = self._image(plan) if building else (args.image or self.conf["image"])
+            if args.snapshot:
+                image = self._snapshot_image(args.snapshot)
+            else:
+                image = self._image(plan) if building else (args.image or self.conf["image"])
             if building:
                 record = self._set_state(store, record, "starting")
             self._require_image(image, args.pull)
@@ -536,11 +541,15 @@ class DockerProvider:
         self._set_state(store, record, "running")
         self._push_records(container, store, running=True)
 
-    def stop_agent(self, view) -> None:
+    def stop_agent(self, view, snapshot_mode: str = "auto") -> None:
         container = self._container(view)
         others = [a for a in view.host.agents if a.record.id != view.record.id and a.state == "running"]
         if not others and view.host.facts.get("running"):
-            self.stop_host(view.host)  # its last running agent: stop the container, stop paying
+            # its last running agent: stop the container, stop paying. A container keeps its
+            # disk when stopped, so "auto" takes no snapshot; "always" does.
+            if snapshot_mode == "always":
+                self.snapshot_create(view.host)
+            self.stop_host(view.host)
         elif view.host.facts.get("running"):
             self.tmux(container).kill(view.record.session)
 
@@ -561,6 +570,88 @@ class DockerProvider:
         self.docker(*argv, host.facts["id"], timeout=STOP_TIMEOUT + 30)
         self._set_state(store, record, "stopped")
         self._push_records(host.facts["id"], store, running=False)
+
+    # Snapshots ------------------------------------------------------------------
+
+    def snapshot_create(self, host) -> dict:
+        container = self._container(host)
+        inspect = json.loads(self.docker("inspect", container).stdout)[0]
+        mounts = [m.get("Destination") for m in inspect.get("Mounts") or []]
+        if mounts:
+            mngr.warn(f"bind mounts and volumes are not in a snapshot: {', '.join(mounts)}")
+        snapshot_id = os.urandom(6).hex()
+        tag = f"{SNAPSHOT_REPO}:{host.record.id}-{snapshot_id}"
+        now = time.time()
+        changes = []
+        for key, value in (("snapshot-id", snapshot_id), ("snapshot-of", host.record.id),
+                           ("snapshot-host-name", host.record.name),
+                           ("snapshot-provider", self.name), ("snapshot-created", int(now))):
+            changes += ["-c", f"LABEL {LABEL}.{key}={value}"]
+        self.docker("commit", *changes, container, tag, timeout=1800)
+        return {"id": snapshot_id, "host": host.record.name, "host_id": host.record.id,
+                "provider": self.name, "image": tag, "created_at": mngr.iso(now)}
+
+    def snapshot_list(self) -> list:
+        """This instance's snapshots, in one docker call."""
+        if self.conf.get("implicit") and not self._records() and not self._has_any_snapshot():
+            return []
+        result = self.docker("images", "--filter", f"label={LABEL}.snapshot-provider={self.name}",
+                             "--format", "{{json .}}")
+        names = {record.id: record.name for _, record in self._records()}
+        rows = []
+        for line in result.stdout.splitlines():
+            image = json.loads(line)
+            host_id, _, snapshot_id = image.get("Tag", "").rpartition("-")
+            rows.append({"id": snapshot_id, "host": names.get(host_id, host_id), "host_id": host_id,
+                         "provider": self.name, "image": f"{image['Repository']}:{image['Tag']}",
+                         "created_at": image.get("CreatedAt", ""), "size": image.get("Size", "")})
+        return rows
+
+    def _has_any_snapshot(self) -> bool:
+        try:
+            return bool(self.docker("images", "-q", SNAPSHOT_REPO).stdout.strip())
+        except mngr.MngrError:
+            return False
+
+    def _snapshot_image(self, snapshot_id: str) -> str:
+        for row in self.snapshot_list():
+            if row["id"] == snapshot_id:
+                return row["image"]
+        raise mngr.NotFoundError(f"no snapshot {snapshot_id} in provider {self.name}",
+                                 "see mngr snapshot list")
+
+    def snapshot_destroy(self, snapshot_id: str) -> None:
+        result = self.docker("rmi", self._snapshot_image(snapshot_id), check=False)
+        if result.returncode != 0:
+            if "is using its referenced image" in result.stderr or "conflict" in result.stderr:
+                raise mngr.RefusedError(f"snapshot {snapshot_id} is in use by a host's container",
+                                        "destroy the hosts made from it first")
+            raise mngr.CommandFailedError(f"docker rmi failed: {result.stderr.strip()}")
+
+    def start_from_snapshot(self, view, snapshot_id: str):
+        """Replace the host's container with one made from the snapshot; the host
+        keeps its id, its records and its agents."""
+        image = self._snapshot_image(snapshot_id)
+        host = view.host
+        store = self.store(host.record.id)
+        if host.facts.get("running"):
+            self.stop_host(host)
+        if host.facts.get("exists"):
+            self.docker("rm", "-f", host.facts["id"], timeout=120)
+        record, _ = store.read_host()
+        record = self._set_state(store, record, "starting")
+        try:
+            container = self._create_container(record, image, _NoArgs())
+            self._push_records(container, store, running=False, skeleton=True)
+            self.docker("start", container)
+            self._wait_ready(container)
+            self._mngr(container, "agent-start", view.record.id, "--tmux-socket", SOCKET)
+        except BaseException:
+            self._set_state(store, record, "failed")
+            raise
+        self._set_state(store, record, "running")
+        self._push_records(container, store, running=True)
+        return self._find_agent(view.record.id)
 
     def mark_failed(self, host) -> None:
         store = self.store(host.record.id)
@@ -663,6 +754,13 @@ class DockerProvider:
             new.write_host(replace(record, version=new.next_version(record.id, record.version)))
             count += 1
         return count
+
+
+class _NoArgs:
+    """Create-container options for a host re-made from a snapshot: none extra."""
+
+    cpus = memory = None
+    start_arg = ()
 
 
 def _record_agents(host_dir: mngr.HostDir) -> list:

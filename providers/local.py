@@ -134,7 +134,7 @@ class LocalProvider:
 
     def plan_agent(self, args, name) -> AgentPlan:
         for flag in ("image", "dockerfile", "build_arg", "start_arg", "cpus", "memory", "pull",
-                     "exclude"):
+                     "exclude", "snapshot"):
             if getattr(args, flag):
                 raise mngr.UsageError(f"--{flag.replace('_', '-')} is for container hosts, "
                                       "not the local host", "use --in docker, or drop it")
@@ -353,7 +353,15 @@ class LocalProvider:
         self._ensure_watcher(python)
         return self._refresh(view)
 
-    def stop_agent(self, view) -> None:
+    def start_from_snapshot(self, view, snapshot: str):
+        raise mngr.RefusedError("the local host has no snapshots")
+
+    def snapshot_create(self, host):
+        raise mngr.RefusedError("the local host has no snapshots", "snapshots are for container hosts")
+
+    def stop_agent(self, view, snapshot_mode: str = "auto") -> None:
+        if snapshot_mode == "always":
+            raise mngr.RefusedError("the local host has no snapshots", "drop --snapshot-mode always")
         self.tmux.kill(view.record.session)
         agent_dir = self.host_dir.agent_dir(view.record.id)
         mngr.append_jsonl(agent_dir / "events" / "events.jsonl",

@@ -46,6 +46,10 @@ def dk(mngr_cli, engine):
     ids = docker("ps", "-aq", "--filter", f"label=com.imbue.mngr.provider={name}").stdout.split()
     if ids:
         docker("rm", "-f", *ids, check=False)
+    images = docker("images", "-q", "--filter",
+                    f"label=com.imbue.mngr.snapshot-provider={name}").stdout.split()
+    if images:
+        docker("rmi", "-f", *set(images), check=False)
 
 
 def rows(cli):
@@ -165,3 +169,31 @@ def test_an_image_without_python3_is_a_clear_create_error(dk, tmp_path):
                 "--agent-cmd", "sleep 1", "--no-connect")
     assert result.code == 1 and "the image has no python3" in result.err
     assert rows(dk) == {} or rows(dk).get("nopy", {}).get("host_state") in (None, "failed")
+
+
+def test_snapshots_create_list_start_from_and_destroy(dk):
+    dk.ok("create", "snap", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect")
+    dk.ok("exec", "snap", "--", "echo v1 > state")
+    snapshot = json.loads(dk.ok("snapshot", "create", "snap", "--json").out)
+    listed = json.loads(dk.ok("snapshot", "list", "--json").out)
+    assert [s["id"] for s in listed] == [snapshot["id"]] and listed[0]["host"] == "snap"
+    dk.ok("exec", "snap", "--", "echo v2 > state")
+    old = container(dk, "snap")
+    dk.ok("start", "snap", "--snapshot", snapshot["id"])
+    assert container(dk, "snap") != old  # a new container from the snapshot, same host
+    assert dk.ok("exec", "snap", "--", "cat state").out.strip() == "v1"
+    assert rows(dk)["snap"]["state"] == "running"
+
+    dk.ok("create", "clone", "--in", dk.provider, "--snapshot", snapshot["id"],
+          "--agent-cmd", "sleep 600", "--no-connect")
+    assert dk.ok("exec", "clone", "--", "cat /work/snap/state").out.strip() == "v1"
+    dk.ok("stop", "clone", "--snapshot-mode", "always")
+    assert len(json.loads(dk.ok("snapshot", "list", "--json").out)) == 2
+    in_use = dk("snapshot", "destroy", snapshot["id"])
+    assert in_use.code == 1 and "in use by a host" in in_use.err
+    dk.ok("destroy", "-f", "snap", "clone")
+    for row in json.loads(dk.ok("snapshot", "list", "--json").out):
+        dk.ok("snapshot", "destroy", row["id"])
+    assert json.loads(dk.ok("snapshot", "list", "--json").out) == []
+    missing = dk("snapshot", "destroy", "nope")
+    assert missing.code == 1 and "no snapshot nope" in missing.err
