@@ -5,12 +5,12 @@ PYTHON ?= python3
 VENV_PY := .venv/bin/python
 HYPOTHESIS_PROFILE ?= $(if $(CI),ci,dev)
 
-.PHONY: demo test bench deps venv clean
+.PHONY: demo test bench deps venv docker clean
 
 demo: deps
 	@bash tests/demo.sh
 
-test: deps venv
+test: deps venv docker
 	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(VENV_PY) -m pytest -q tests
 
 bench: deps
@@ -21,6 +21,9 @@ deps:
 
 venv:
 	@PYTHON=$(PYTHON) bash tests/setup.sh venv
+
+docker:
+	@bash tests/setup.sh docker
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .hypothesis

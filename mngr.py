@@ -1020,8 +1020,7 @@ def read_status(agent_dir: Path) -> dict:
 HOOK_TIMEOUT = 60.0
 WATCH_INTERVAL = 10.0
 STOP_MODES = ("agents", "pid1")   # how the watcher stops its host: agents only, or PID 1 exits
-HOST_COMMANDS = ("watch", "run-hooks", "host-info", "host-init", "host-report", "agent-start",
-                 "write-file")
+HOST_COMMANDS = ("watch", "run-hooks", "host-info", "host-init", "host-report", "deploy")
 # host-init's sentinel exit codes, which the controller explains
 EXIT_INIT_NO_PYTHON = 90
 EXIT_INIT_OLD_PYTHON = 91
@@ -1416,6 +1415,32 @@ class HostInit:
         return EXIT_OK
 
 
+def deploy_here(host_dir: HostDir, tar_bytes: bytes, start, tmux: Tmux) -> int:
+    """The controller's one call into a running host: write each file of the tar
+    atomically under the host dir, then start the named agents."""
+    import io
+    import tarfile
+
+    root = host_dir.root.resolve()
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        for member in tar.getmembers():
+            target = (root / member.name).resolve()
+            if root not in target.parents or not member.isfile():
+                raise UsageError(f"refusing {member.name!r}: not a file inside the host dir")
+            atomic_write(target, tar.extractfile(member).read(), mode=member.mode & 0o777)
+    started = {}
+    for agent_id in start:
+        try:
+            payload = read_json(host_dir.agent_dir(agent_id) / "data.json")["payload"]
+            record = AgentRecord.from_dict(payload)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise NotFoundError(f"no usable agent record {agent_id}: {exc}") from None
+        tmux.kill(record.session)
+        started[agent_id] = start_agent_session(host_dir, record, tmux, sys.executable)
+    print(json.dumps({"started": started}))
+    return EXIT_OK
+
+
 def touch(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a"):
@@ -1444,11 +1469,10 @@ def host_main(argv) -> int:
     init.add_argument("--interval", type=float, default=WATCH_INTERVAL)
     report = subs.add_parser("host-report", help="this host's state for the controller, as JSON")
     report.add_argument("--tmux-socket", default=DEFAULT_ROOT_NAME)
-    start = subs.add_parser("agent-start", help="start an agent's tmux session here")
-    start.add_argument("agent_id")
-    start.add_argument("--tmux-socket", default=DEFAULT_ROOT_NAME)
-    put = subs.add_parser("write-file", help="atomically write stdin to a file in the host dir")
-    put.add_argument("path", help="relative to the host dir")
+    deploy = subs.add_parser("deploy", help="write the files of a tar on stdin into the host "
+                             "dir, each atomically, then start agents")
+    deploy.add_argument("--start", action="append", default=[], metavar="AGENT_ID")
+    deploy.add_argument("--tmux-socket", default=DEFAULT_ROOT_NAME)
     args = parser.parse_args(argv)
     host_dir = HostDir(os.environ.get(ENV_HOST_DIR) or Path.home() / f".{DEFAULT_ROOT_NAME}")
     try:
@@ -1470,21 +1494,8 @@ def _host_command(args, host_dir: HostDir) -> int:
     if args.command == "host-report":
         print(json.dumps(host_report(host_dir, Tmux(args.tmux_socket))))
         return EXIT_OK
-    if args.command == "agent-start":
-        try:
-            payload = read_json(host_dir.agent_dir(args.agent_id) / "data.json")["payload"]
-            record = AgentRecord.from_dict(payload)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise NotFoundError(f"no usable agent record {args.agent_id}: {exc}") from None
-        pid = start_agent_session(host_dir, record, Tmux(args.tmux_socket), sys.executable)
-        print(json.dumps({"pane_pid": pid}))
-        return EXIT_OK
-    if args.command == "write-file":
-        target = (host_dir.root / args.path).resolve()
-        if host_dir.root.resolve() not in target.parents:
-            raise UsageError(f"{args.path} is outside the host dir")
-        atomic_write(target, sys.stdin.buffer.read())
-        return EXIT_OK
+    if args.command == "deploy":
+        return deploy_here(host_dir, sys.stdin.buffer.read(), args.start, Tmux(args.tmux_socket))
     try:
         document = read_json(host_dir.data)
     except ValueError:

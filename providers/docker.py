@@ -122,13 +122,29 @@ class DockerProvider:
                 found.append((store, record))
         return found
 
-    def _set_state(self, store, record, new_state: str):
+    def _set_state(self, store, record, new_state: str, write: bool = True):
         lifecycle = mngr.transition(record.lifecycle, new_state, time.time())
         record = replace(record, lifecycle=lifecycle,
                          version=store.next_version(record.id, record.version))
-        store.write_host(record)
-        store.versions.save()
+        if write:
+            store.write_host(record)
+            store.versions.save()
         return record
+
+    def _started(self, container: str, store, record, start):
+        """starting -> running, signed, sent into the host with the agents to start; the
+        controller keeps the running record only once the host has it. On failure the
+        host is marked failed, with a version above anything the host may have kept."""
+        running = self._set_state(store, record, "running", write=False)
+        try:
+            self._deploy(container, store, start=start, host_record=running)
+        except BaseException:
+            failed = replace(record, lifecycle=mngr.transition(record.lifecycle, "failed", time.time()),
+                             version=running.version + 1)
+            store.write_host(failed)
+            store.versions.save()
+            raise
+        return running
 
     # Reading -----------------------------------------------------------------
 
@@ -306,7 +322,8 @@ class DockerProvider:
                 image = self._image(plan) if building else (args.image or self.conf["image"])
             if building:
                 record = self._set_state(store, record, "starting")
-            self._require_image(image, args.pull)
+            if args.pull:
+                self._require_image(image, pull=True)
             agent = self._agent_record(plan, host_id, now)
             store.write_agent(agent)
             mngr.atomic_write(store.host_dir.agent_dir(agent.id) / "env",
@@ -315,12 +332,9 @@ class DockerProvider:
                              version=store.next_version(host_id, record.version))
             store.write_host(record)
             container = self._create_container(record, image, args)
-            self._copy_in(container, store, agent, plan)
+            self._cp_in(container, self._files(store, skeleton=True), work=plan)
             self.docker("start", container)
-            self._wait_ready(container)
-            self._mngr(container, "agent-start", agent.id, "--tmux-socket", SOCKET)
-            record = self._set_state(store, record, "running")
-            self._push_records(container, store, running=True)
+            record = self._started(container, store, record, [agent.id])
         except BaseException as exc:
             current, _ = store.read_host()
             if current is not None and "failed" in mngr.HOST_TRANSITIONS[current.lifecycle.state]:
@@ -329,7 +343,15 @@ class DockerProvider:
                 exc.hint = exc.hint or f"the host shows as failed; remove it: mngr destroy -f {plan.name}"
             raise
         store.versions.save()
-        return self._find_agent(agent.id)
+        return self._fresh_view(record, container, agent)
+
+    def _fresh_view(self, record, container: str, agent):
+        """The view of an agent just started, without listing everything again."""
+        host = mngr.HostView(self, record, mngr.Verification(True),
+                             facts={"exists": True, "id": container, "running": True})
+        view = mngr.AgentView(agent, host, "running", mngr.Verification(True))
+        host.agents.append(view)
+        return view
 
     def _agent_record(self, plan: DockerPlan, host_id: str, now: float) -> mngr.AgentRecord:
         return mngr.AgentRecord(
@@ -355,18 +377,10 @@ class DockerProvider:
                          policy=mngr.apply_policy_flags(host.record.policy, plan.args),
                          version=store.next_version(host.record.id, host.record.version))
         store.write_host(record)
-        self._copy_in(container, store, agent, plan)
-        self._push_records(container, store, running=True)
-        self._mngr(container, "agent-start", agent.id, "--tmux-socket", SOCKET)
+        self._cp_in(container, {}, work=plan)
+        self._deploy(container, store, start=[agent.id])
         store.versions.save()
-        return self._find_agent(agent.id)
-
-    def _find_agent(self, agent_id: str):
-        for host in self.collect():
-            for agent in host.agents:
-                if agent.record.id == agent_id:
-                    return agent
-        raise mngr.NotFoundError(f"agent {agent_id} vanished")
+        return self._fresh_view(record, container, agent)
 
     def _image(self, plan: DockerPlan) -> str:
         """Build the host's image: from --dockerfile, or the embedded default."""
@@ -407,7 +421,8 @@ class DockerProvider:
     def _create_container(self, record: mngr.HostRecord, image: str, args) -> str:
         labels = {"host-id": record.id, "host-name": record.name, "provider": self.name,
                   "created-at": str(int(record.created_at)), "version": mngr.__version__}
-        argv = ["create", "--name", f"mngr-{record.name}", "--hostname", record.name,
+        argv = ["create", "--pull", "missing" if getattr(args, "pull", False) else "never",
+                "--name", f"mngr-{record.name}", "--hostname", record.name,
                 "--network", self.network, "-e", f"{mngr.ENV_HOST_DIR}={HOST_DIR}"]
         for key, value in labels.items():
             argv += ["--label", f"{LABEL}.{key}={value}"]
@@ -428,6 +443,10 @@ class DockerProvider:
         argv += ["--entrypoint", "sh", image, "-c", init]
         result = self.docker(*argv, check=False)
         if result.returncode != 0:
+            if "No such image" in result.stderr or "pull access denied" in result.stderr \
+                    or "Unable to find image" in result.stderr:
+                raise mngr.RefusedError(f"image {image} is not available locally",
+                                        "build or load it, or pass --pull to let docker pull it")
             if "Conflict" in result.stderr and "already in use" in result.stderr:
                 raise mngr.RefusedError(f"a container named mngr-{record.name} already exists",
                                         "pick another name, or remove that container")
@@ -435,78 +454,86 @@ class DockerProvider:
             raise mngr.CommandFailedError(f"docker create failed: {tail}", detail=result.stderr)
         return result.stdout.strip()
 
-    def _copy_in(self, container: str, store: mngr.Store, agent: mngr.AgentRecord,
-                 plan: DockerPlan) -> None:
-        """The host dir skeleton and the agent's work dir, as tar streams through docker cp."""
-        self._push_records(container, store, running=False, agent_ids=[agent.id], skeleton=True)
-        data = io.BytesIO()
-        with tarfile.open(fileobj=data, mode="w") as tar:
-            top = tarfile.TarInfo(WORK_ROOT.strip("/"))
-            top.type, top.mode, top.mtime = tarfile.DIRTYPE, 0o755, time.time()
-            tar.addfile(top)
-
-            def keep(info):
-                rel = info.name.split("/", 2)[2] if info.name.count("/") >= 2 else ""
-                if rel and any(fnmatch.fnmatch(rel, pattern) or fnmatch.fnmatch(Path(rel).name, pattern)
-                               for pattern in plan.excludes):
-                    return None
-                return info
-            tar.add(plan.source_dir, arcname=f"{WORK_ROOT.strip('/')}/{plan.name}", filter=keep)
-        self.docker("cp", "-", f"{container}:/", input=data.getvalue(), timeout=600)
-
-    def _push_records(self, container: str, store: mngr.Store, running: bool,
-                      agent_ids=None, skeleton: bool = False) -> None:
-        """Put the controller's signed records (and, first time, mngr.py) into the host."""
+    def _files(self, store: mngr.Store, skeleton: bool = False, host_record=None) -> dict:
+        """The controller's signed records (and, for a new host, mngr.py and env),
+        as {path in the host dir: bytes}; host_record: sign and send this one instead."""
         root = store.host_dir
-        files = {"data.json": root.data.read_bytes()}
-        for agent_id in agent_ids if agent_ids is not None else _record_agents(root):
-            agent_dir = root.agent_dir(agent_id)
+        if host_record is not None:
+            files = {"data.json": (json.dumps(mngr.sign_payload(store.keyring, host_record.to_dict()),
+                                              indent=2, sort_keys=True) + "\n").encode()}
+        else:
+            files = {"data.json": root.data.read_bytes()}
+        for agent_id in _record_agents(root):
             for name in ("data.json", "env"):
-                if (agent_dir / name).exists():
-                    files[f"agents/{agent_id}/{name}"] = (agent_dir / name).read_bytes()
+                path = root.agent_dir(agent_id) / name
+                if path.exists():
+                    files[f"agents/{agent_id}/{name}"] = path.read_bytes()
         if skeleton:
             files["bin/mngr.py"] = Path(mngr.__file__).resolve().read_bytes()
             files["env"] = root.env.read_bytes() if root.env.exists() else b""
-        if running:  # atomic inside a live host: the watcher and enforce may be reading
-            for rel, content in files.items():
-                self._mngr(container, "write-file", rel, input=content)
-            return
+        return files
+
+    def _cp_in(self, container: str, files: dict, work=None) -> None:
+        """Files for the host dir, and a plan's work dir, in one tar stream through docker cp
+        (works before the container starts; not atomic, so only for hosts not running)."""
         stream = io.BytesIO()
         with tarfile.open(fileobj=stream, mode="w") as tar:
-            dirs = {"mngr"} | {f"mngr/{d}" for d in ("activity", "agents", "bin", "events", "logs",
-                                                      "hooks", "hooks/boot", "hooks/post_services",
-                                                      "hooks/stop")} if skeleton else set()
+            dirs = set()
+            if files:
+                dirs |= {"mngr"} | {f"mngr/{d}" for d in (
+                    "activity", "agents", "bin", "events", "logs", "hooks", "hooks/boot",
+                    "hooks/post_services", "hooks/stop")}
             for rel in files:
                 parts = rel.split("/")[:-1]
-                for i in range(1, len(parts) + 1):
-                    dirs.add("mngr/" + "/".join(parts[:i]))
+                dirs |= {"mngr/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)}
+            if work is not None:
+                dirs.add(WORK_ROOT.strip("/"))
             for name in sorted(dirs):
-                info = tarfile.TarInfo(name)
-                info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, time.time()
-                tar.addfile(info)
+                tar.addfile(_dir_entry(name))
             for rel, content in files.items():
                 info = tarfile.TarInfo(f"mngr/{rel}")
                 info.size, info.mtime = len(content), time.time()
                 info.mode = 0o755 if rel == "bin/mngr.py" else 0o600 if rel.endswith("env") else 0o644
                 tar.addfile(info, io.BytesIO(content))
-        self.docker("cp", "-", f"{container}:/", input=stream.getvalue(), timeout=120)
+            if work is not None:
+                def keep(info):
+                    rel = info.name.split("/", 2)[2] if info.name.count("/") >= 2 else ""
+                    if rel and any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(Path(rel).name, p)
+                                   for p in work.excludes):
+                        return None
+                    return info
+                tar.add(work.source_dir, arcname=f"{WORK_ROOT.strip('/')}/{work.name}", filter=keep)
+        self.docker("cp", "-", f"{container}:/", input=stream.getvalue(), timeout=600)
 
-    def _wait_ready(self, container: str) -> None:
-        """Until host-init answers; a PID 1 that exits is explained by its sentinel code."""
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            state = json.loads(self.docker("inspect", "-f", "{{json .State}}", container).stdout)
-            if not state["Running"]:
-                code = state.get("ExitCode")
-                reason = mngr.INIT_EXIT_REASONS.get(code, f"PID 1 exited with code {code}")
-                raise mngr.RefusedError(f"the host did not start: {reason}",
-                                        "use an image with python3 (3.9+) and tmux, e.g. "
-                                        "apt-get install python3 tmux in its Dockerfile")
-            probe = self._mngr(container, "host-info", check=False)
-            if probe.returncode == 0:
-                return
-            time.sleep(0.2)
-        raise mngr.CommandTimedOutError(f"the host did not become ready in {READY_TIMEOUT:g}s")
+    def _deploy(self, container: str, store: mngr.Store, start=(), host_record=None) -> None:
+        """One exec into a running host: write the signed records atomically (the watcher
+        and enforce may be reading them) and start agents. A PID 1 that has exited is
+        explained by its sentinel code."""
+        stream = io.BytesIO()
+        with tarfile.open(fileobj=stream, mode="w") as tar:
+            for rel, content in self._files(store, host_record=host_record).items():
+                info = tarfile.TarInfo(rel)
+                info.size, info.mtime = len(content), time.time()
+                info.mode = 0o600 if rel.endswith("env") else 0o644
+                tar.addfile(info, io.BytesIO(content))
+        argv = ["deploy", "--tmux-socket", SOCKET]
+        for agent_id in start:
+            argv += ["--start", agent_id]
+        result = self._mngr(container, *argv, input=stream.getvalue(), check=False, timeout=60)
+        if result.returncode == 0:
+            if host_record is not None:  # it is in the host: now it is the controller's truth
+                store.write_host(host_record)
+                store.versions.save()
+            return
+        state = json.loads(self.docker("inspect", "-f", "{{json .State}}", container).stdout)
+        if not state["Running"]:
+            code = state.get("ExitCode")
+            reason = mngr.INIT_EXIT_REASONS.get(code, f"its PID 1 exited with code {code}")
+            raise mngr.RefusedError(f"the host did not start: {reason}",
+                                    "use an image with python3 (3.9+) and tmux, e.g. "
+                                    "apt-get install python3 tmux in its Dockerfile")
+        tail = (result.stderr.strip().splitlines() or ["deploy failed"])[-1]
+        raise mngr.CommandFailedError(f"deploying to host failed: {tail}", detail=result.stderr)
 
     # Acting on agents and hosts ---------------------------------------------
 
@@ -520,26 +547,22 @@ class DockerProvider:
 
     def start_agent(self, view):
         container = self._container(view)
-        if not view.host.facts.get("running"):
-            self._start_host(view.host)
-        self.tmux(container).kill(view.record.session)
-        self._mngr(container, "agent-start", view.record.id, "--tmux-socket", SOCKET)
-        return self._find_agent(view.record.id)
-
-    def _start_host(self, host) -> None:
-        store = self.store(host.record.id)
-        record, _ = store.read_host()
-        record = self._set_state(store, record, "starting")
-        container = host.facts["id"]
-        self._push_records(container, store, running=False)
-        try:
-            self.docker("start", container)
-            self._wait_ready(container)
-        except mngr.MngrError:
-            self._set_state(store, record, "failed")
-            raise
-        self._set_state(store, record, "running")
-        self._push_records(container, store, running=True)
+        store = self.store(view.host.record.id)
+        if view.host.facts.get("running"):
+            self.tmux(container).kill(view.record.session)
+            self._deploy(container, store, start=[view.record.id])
+            record = view.host.record
+        else:  # boot the host; the watcher comes back with PID 1
+            record, _ = store.read_host()
+            record = self._set_state(store, record, "starting")
+            self._cp_in(container, self._files(store))
+            try:
+                self.docker("start", container)
+            except mngr.MngrError:
+                self._set_state(store, record, "failed")
+                raise
+            record = self._started(container, store, record, [view.record.id])
+        return self._fresh_view(record, container, view.record)
 
     def stop_agent(self, view, snapshot_mode: str = "auto") -> None:
         container = self._container(view)
@@ -569,7 +592,7 @@ class DockerProvider:
             record = self._set_state(store, record, "stopping")
         self.docker(*argv, host.facts["id"], timeout=STOP_TIMEOUT + 30)
         self._set_state(store, record, "stopped")
-        self._push_records(host.facts["id"], store, running=False)
+        self._cp_in(host.facts["id"], self._files(store))
 
     # Snapshots ------------------------------------------------------------------
 
@@ -642,16 +665,13 @@ class DockerProvider:
         record = self._set_state(store, record, "starting")
         try:
             container = self._create_container(record, image, _NoArgs())
-            self._push_records(container, store, running=False, skeleton=True)
+            self._cp_in(container, self._files(store, skeleton=True))
             self.docker("start", container)
-            self._wait_ready(container)
-            self._mngr(container, "agent-start", view.record.id, "--tmux-socket", SOCKET)
         except BaseException:
             self._set_state(store, record, "failed")
             raise
-        self._set_state(store, record, "running")
-        self._push_records(container, store, running=True)
-        return self._find_agent(view.record.id)
+        record = self._started(container, store, record, [view.record.id])
+        return self._fresh_view(record, container, view.record)
 
     def mark_failed(self, host) -> None:
         store = self.store(host.record.id)
@@ -723,7 +743,14 @@ class DockerProvider:
 
         shutil.rmtree(store.host_dir.agent_dir(view.record.id), ignore_errors=True)
         if host.facts.get("exists"):
-            self._push_records(host.facts["id"], store, running=bool(host.facts.get("running")))
+            self._push(host, store)
+
+    def _push(self, host, store) -> None:
+        """The records into the host: atomically when it runs, by docker cp when not."""
+        if host.facts.get("running"):
+            self._deploy(host.facts["id"], store)
+        else:
+            self._cp_in(host.facts["id"], self._files(store))
 
     def update_policy(self, host, policy: mngr.IdlePolicy) -> None:
         store = self.store(host.record.id)
@@ -732,7 +759,7 @@ class DockerProvider:
                                  version=store.next_version(record.id, record.version)))
         store.versions.save()
         if host.facts.get("exists"):
-            self._push_records(host.facts["id"], store, running=bool(host.facts.get("running")))
+            self._push(host, store)
 
     def update_agent(self, view, **changes) -> None:
         store = self.store(view.host.record.id)
@@ -740,7 +767,7 @@ class DockerProvider:
         store.write_agent(replace(agent, version=store.next_version(agent.id, agent.version), **changes))
         store.versions.save()
         if view.host.facts.get("exists"):
-            self._push_records(view.host.facts["id"], store, running=bool(view.host.facts.get("running")))
+            self._push(view.host, store)
 
     def resign(self, keyring) -> int:
         count = 0
@@ -761,6 +788,12 @@ class _NoArgs:
 
     cpus = memory = None
     start_arg = ()
+
+
+def _dir_entry(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, time.time()
+    return info
 
 
 def _record_agents(host_dir: mngr.HostDir) -> list:

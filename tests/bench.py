@@ -96,6 +96,61 @@ def bench_enforce(env, home) -> None:
     report("enforce per-host cost, max/min over 100..10000", spread, 1.5)
 
 
+def bench_docker(base_env) -> None:
+    """create --in docker against bare docker run + exec; list over 10 running hosts."""
+    image = os.environ.get("MNGR_TEST_IMAGE", "mngr-test-base:bookworm")
+    if subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode:
+        print(f"{'docker benchmarks':<48} skipped: no engine or no image {image} (make docker)")
+        return
+    home = Path(tempfile.mkdtemp(prefix="mngr-bench-d-"))
+    config = home / ".config" / "mngr"
+    config.mkdir(parents=True)
+    (config / "settings.toml").write_text(
+        f'[providers.bench]\nbackend = "docker"\nimage = "{image}"\n'
+        f'labels = {{ "com.imbue.mngr.bench" = "1" }}\n')
+    (home / "work").mkdir()
+    env = {**base_env, "HOME": str(home)}
+    label = "com.imbue.mngr.bench=1"
+    try:
+        bare, ours = [], []
+        for i in range(3):
+            start = time.perf_counter()
+            cid = subprocess.run(["docker", "run", "-d", "--network", "none", "--label", label, image,
+                                  "sleep", "600"], capture_output=True, text=True, check=True).stdout.strip()
+            subprocess.run(["docker", "exec", cid, "tmux", "-L", "b", "new-session", "-d", "sleep 600"],
+                           check=True)
+            bare.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            subprocess.run([PY, str(REPO / "mngr.py"), "create", f"bench{i}", "--in", "bench",
+                            "--no-connect", "--agent-cmd", "sleep 600"], env=env, cwd=home / "work",
+                           check=True, stdout=subprocess.DEVNULL)
+            ours.append(time.perf_counter() - start)
+        report("create --in docker / docker run + exec", statistics.median(ours) / statistics.median(bare),
+               1.5)
+        for i in range(3, 10):
+            subprocess.run([PY, str(REPO / "mngr.py"), "create", f"bench{i}", "--in", "bench",
+                            "--no-connect", "--agent-cmd", "sleep 600"], env=env, cwd=home / "work",
+                           check=True, stdout=subprocess.DEVNULL)
+        shim = home / "shim"
+        shim.mkdir()
+        calls = home / "docker-calls"
+        real = shutil.which("docker")
+        (shim / "docker").write_text(f'#!/bin/sh\necho "$1" >> {calls}\nexec {real} "$@"\n')
+        (shim / "docker").chmod(0o755)
+        shimmed = {**env, "PATH": f"{shim}:{env['PATH']}"}
+        listed = timed([PY, str(REPO / "mngr.py"), "list", "--json"], shimmed, runs=3, cwd=home)
+        counted = calls.read_text().split()
+        print(f"{'mngr list, 10 running docker hosts':<48} {listed * 1000:8.0f}ms  "
+              f"({len(counted) // 3} docker calls a run: "
+              f"{', '.join(f'{c} x{counted.count(c) // 3}' for c in sorted(set(counted)))})")
+    finally:
+        ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label={label}"],
+                             capture_output=True, text=True).stdout.split()
+        if ids:
+            subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def bench_watcher(base_env) -> None:
     """The watcher's CPU over 60 s with 10 agents, and its idle-stop latency."""
     import threading
@@ -177,6 +232,7 @@ def main() -> int:
         report("mngr list --json, 100 agents / baseline", listed / baseline, 3.0)
         bench_decide()
         bench_enforce(env, home)
+        bench_docker(env)
         bench_watcher(env)
     finally:
         subprocess.run(["tmux", "-L", "mngr-bench", "kill-server"], env=env,

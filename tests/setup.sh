@@ -3,6 +3,8 @@
 # services it needs. Safe to run again: it only acts on what is missing.
 #   tests/setup.sh deps   Debian packages (as root; otherwise says what to install)
 #   tests/setup.sh venv   .venv with pytest, hypothesis, setuptools, wheel
+#   tests/setup.sh docker a Docker engine (started when none answers) and the offline
+#                         test image (debootstrap + docker import); as root only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +38,15 @@ venv() {
         echo "setup: installing ${need[*]} into .venv" >&2
         .venv/bin/python -m pip install --quiet "${need[@]}"
     fi
+}
+
+docker() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: not root: not installing or starting Docker (docker tests skip)" >&2
+        return 0
+    fi
+    bash tests/docker_setup.sh engine
+    bash tests/docker_setup.sh image "${MNGR_TEST_IMAGE:-mngr-test-base:bookworm}"
 }
 
 for step in "$@"; do "$step"; done
