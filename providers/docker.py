@@ -319,7 +319,7 @@ class DockerProvider:
             if args.snapshot:
                 image = self._snapshot_image(args.snapshot)
             else:
-                image = self._image(plan) if building else (args.image or self.conf["image"])
+                image = self._image(plan, host_id) if building else (args.image or self.conf["image"])
             if building:
                 record = self._set_state(store, record, "starting")
             if args.pull:
@@ -382,12 +382,15 @@ class DockerProvider:
         store.versions.save()
         return self._fresh_view(record, container, agent)
 
-    def _image(self, plan: DockerPlan) -> str:
-        """Build the host's image: from --dockerfile, or the embedded default."""
+    def _image(self, plan: DockerPlan, host_id: str) -> str:
+        """Build the host's image: from --dockerfile (labelled as this host's, so destroy
+        removes it), or the embedded default (shared, kept)."""
         args = plan.args
         if args.dockerfile:
-            tag = f"mngr-build:{os.urandom(4).hex()}"
-            argv = ["build", "-t", tag, "-f", str(Path(args.dockerfile).resolve())]
+            tag = f"mngr-build:{host_id}"
+            argv = ["build", "-t", tag, "-f", str(Path(args.dockerfile).resolve()),
+                    "--label", f"{LABEL}.built-for={host_id}",
+                    "--label", f"{LABEL}.build-provider={self.name}"]
             context = str(Path(args.dockerfile).resolve().parent)
         else:
             tag = f"mngr-default:{mngr.__version__}"
@@ -401,8 +404,9 @@ class DockerProvider:
             argv.append("--pull")
         if context:
             argv.append(context)
-        result = self.docker(*argv, timeout=1800, check=False,
-                             input=None if context else DEFAULT_DOCKERFILE)
+        result = mngr.run(["docker", *argv], env={**self.env, "DOCKER_BUILDKIT": "0"}, timeout=1800,
+                          check=False, input=None if context else DEFAULT_DOCKERFILE,
+                          what="docker build")
         if result.returncode != 0:
             tail = (result.stderr.strip().splitlines() or ["docker build failed"])[-1]
             raise mngr.CommandFailedError(f"building the image failed: {tail}",
@@ -727,9 +731,13 @@ class DockerProvider:
         store = self.store(host.record.id)
         record, _ = store.read_host()
         remaining = tuple(a for a in record.agents if a != view.record.id)
-        if not remaining:
+        if not remaining:  # the host goes, with everything mngr made for it
             if host.facts.get("exists"):
                 self.docker("rm", "-f", host.facts["id"], timeout=120)
+            built = self.docker("images", "-q", "--filter",
+                                f"label={LABEL}.built-for={host.record.id}").stdout.split()
+            if built:
+                self.docker("rmi", "-f", *set(built), check=False)
             import shutil
 
             shutil.rmtree(store.host_dir.root, ignore_errors=True)

@@ -48,6 +48,8 @@ def dk(mngr_cli, engine):
         docker("rm", "-f", *ids, check=False)
     images = docker("images", "-q", "--filter",
                     f"label=com.imbue.mngr.snapshot-provider={name}").stdout.split()
+    images += docker("images", "-q", "--filter",
+                     f"label=com.imbue.mngr.build-provider={name}").stdout.split()
     if images:
         docker("rmi", "-f", *set(images), check=False)
 
@@ -168,7 +170,13 @@ def test_an_image_without_python3_is_a_clear_create_error(dk, tmp_path):
     result = dk("create", "nopy", "--in", dk.provider, "--dockerfile", str(dockerfile),
                 "--agent-cmd", "sleep 1", "--no-connect")
     assert result.code == 1 and "the image has no python3" in result.err
-    assert rows(dk) == {} or rows(dk).get("nopy", {}).get("host_state") in (None, "failed")
+    assert rows(dk)["nopy"]["host_state"] == "failed"  # visible, never half-made and hidden
+    built = docker("images", "-q", "--filter", "label=com.imbue.mngr.built-for="
+                   + rows(dk)["nopy"]["host_id"]).stdout.split()
+    assert built
+    dk.ok("destroy", "-f", "nopy")  # removes the container and the image built for it
+    assert docker("images", "-q", "--filter", f"label=com.imbue.mngr.build-provider={dk.provider}"
+                  ).stdout.split() == []
 
 
 def test_snapshots_create_list_start_from_and_destroy(dk):
