@@ -847,6 +847,18 @@ def _shell_quote(text: str) -> str:
     return shlex.quote(text)
 
 
+def resign_host(old: Store, new: Store, host: HostRecord) -> int:
+    """Re-sign a host's record and its agents' with new's keyring; how many."""
+    count = 1
+    for agent_id in host.agents:
+        agent, _ = old.read_agent(agent_id)
+        if agent is not None:
+            new.write_agent(dataclasses.replace(agent, version=new.next_version(agent.id, agent.version)))
+            count += 1
+    new.write_host(dataclasses.replace(host, version=new.next_version(host.id, host.version)))
+    return count
+
+
 # Tmux agents ###############################################################
 
 

@@ -778,16 +778,14 @@ class DockerProvider:
             self._push(view.host, store)
 
     def resign(self, keyring) -> int:
+        """Re-sign the controller's records with the newest key, and send them in."""
         count = 0
+        hosts = {h.record.id: h for h in self.collect() if h.record is not None}
         for old, record in self._records():
             new = mngr.Store(old.host_dir, keyring, self.ctx.versions)
-            for agent_id in record.agents:
-                agent, _ = old.read_agent(agent_id)
-                if agent is not None:
-                    new.write_agent(replace(agent, version=new.next_version(agent.id, agent.version)))
-                    count += 1
-            new.write_host(replace(record, version=new.next_version(record.id, record.version)))
-            count += 1
+            count += mngr.resign_host(old, new, record)
+            if record.id in hosts and hosts[record.id].facts.get("exists"):
+                self._push(hosts[record.id], new)
         return count
 
 

@@ -474,18 +474,10 @@ class LocalProvider:
         """Re-sign the local records with the newest key; returns how many."""
         if not self.host_dir.data.exists():
             return 0
-        count = 0
         with mngr.FileLock(self.host_dir.lock):
             old = self.store()
-            new = mngr.Store(self.host_dir, keyring, self.ctx.versions)
             host, check = old.read_host()
             if host is None:
                 raise mngr.TamperedStateError(
                     f"not re-signing {self.host_dir.data}: it fails verification ({check.reason})")
-            for agent_id in host.agents:
-                agent, _ = old.read_agent(agent_id)
-                if agent is not None:
-                    new.write_agent(replace(agent, version=new.next_version(agent.id, agent.version)))
-                    count += 1
-            new.write_host(replace(host, version=new.next_version(host.id, host.version)))
-        return count + 1
+            return mngr.resign_host(old, mngr.Store(self.host_dir, keyring, self.ctx.versions), host)

@@ -205,3 +205,12 @@ def test_snapshots_create_list_start_from_and_destroy(dk):
     assert json.loads(dk.ok("snapshot", "list", "--json").out) == []
     missing = dk("snapshot", "destroy", "nope")
     assert missing.code == 1 and "no snapshot nope" in missing.err
+
+
+def test_rotating_keys_resigns_the_records_inside_running_hosts(dk):
+    dk.ok("create", "rot", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect",
+          "--idle-timeout", "1h")
+    dk.ok("keys", "rotate", "--retire-old")
+    row = json.loads(dk.ok("enforce", "--json", "--provider", dk.provider).out)[0]
+    assert row["action"] == "none", row  # the old key is gone, yet nothing reads as tampered
+    assert rows(dk)["rot"]["verified"] is True
