@@ -48,7 +48,6 @@ ENV_COMMAND_PREFIX = "MNGR_COMMANDS_"
 DEFAULT_ROOT_NAME = "mngr"
 DEFAULT_PREFIX = "mngr-"
 DEFAULT_AGENT_TYPE = "claude"
-BUILTIN_AGENT_TYPES = {"claude": "claude", "codex": "codex"}
 
 SUBPROCESS_TIMEOUT = 30.0     # seconds, for every provider call unless told
 SIGNATURE_DOMAIN = b"mngr-signed-record-v1\n"
@@ -1718,8 +1717,19 @@ class Store:
 # Agent types, env and work dirs (controller side) ##########################
 
 
-def resolve_agent_command(settings: dict, type_name, agent_cmd, extra_args, which=None):
-    """(type name, shell command) for create; refuses before anything is made."""
+def agent_types(ctx) -> dict:
+    """Every agent type: the ones plugins declare (claude, codex, ...), then settings'."""
+    custom = ctx.settings.get("agent_types") or {}
+    if not isinstance(custom, dict) or not all(isinstance(v, dict) for v in custom.values()):
+        raise ConfigError("settings: [agent_types] must hold tables, e.g. [agent_types.NAME]")
+    return {**ctx.plugins.agent_types(), **custom}, set(custom)
+
+
+def resolve_agent_command(types: dict, from_settings, type_name, agent_cmd, extra_args, which=None):
+    """(type name, shell command) for create; refuses before anything is made.
+
+    A type is a table with command, env and parent_type; one with no entry is
+    a program on PATH. which(): where a program is found (None: not found)."""
     import shlex
     import shutil
 
@@ -1730,55 +1740,46 @@ def resolve_agent_command(settings: dict, type_name, agent_cmd, extra_args, whic
             raise UsageError(f"both a type ({type_name}) and --agent-cmd given", "use one of them")
         return "generic", agent_cmd + tail
     type_name = type_name or DEFAULT_AGENT_TYPE
-    custom = settings.get("agent_types") or {}
-    if not isinstance(custom, dict):
-        raise ConfigError("settings: [agent_types] must be a table")
-    seen, name, command = [], type_name, None
-    while name in custom:
+    seen, name, command, origin = [], type_name, None, None
+    while name in types:
         if name in seen:
-            raise ConfigError(f"settings: agent type {type_name!r} has a parent_type cycle: "
+            raise ConfigError(f"agent type {type_name!r} has a parent_type cycle: "
                               + " -> ".join(seen + [name]))
         seen.append(name)
-        conf = custom[name]
-        if not isinstance(conf, dict):
-            raise ConfigError(f"settings: [agent_types.{name}] must be a table")
-        if command is None and conf.get("command"):
-            command = str(conf["command"])
-        name = conf.get("parent_type")
+        if command is None and types[name].get("command"):
+            command, origin = str(types[name]["command"]), name
+        name = types[name].get("parent_type")
         if not name:
             break
-    if command is None and name:
-        program = BUILTIN_AGENT_TYPES.get(name, name if not seen else None)
-        if program is None or not re.match(r"^[A-Za-z0-9_.+-]+$", program):
-            raise UsageError(f"unknown agent type {type_name!r}", _known_types_hint(custom))
-        if which(program) is None:
-            if name in BUILTIN_AGENT_TYPES:
-                raise ToolMissingError(f"{program} not found on PATH",
-                                       "install it, or run another agent: --agent-cmd 'CMD'")
-            raise UsageError(f"unknown agent type {type_name!r}", _known_types_hint(custom))
-        command = shlex.quote(program)
     if command is None:
-        raise ConfigError(f"settings: agent type {type_name!r} has no command and no parent_type")
+        if seen:
+            raise ConfigError(f"agent type {type_name!r} has no command and no parent_type with one")
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", type_name) or which(type_name) is None:
+            raise UsageError(f"unknown agent type {type_name!r}", _known_types_hint(types))
+        command = shlex.quote(type_name)
+    elif origin not in from_settings:  # a plugin's type runs a program: it must be there
+        program = shlex.split(command)[0]
+        if which(program) is None:
+            raise ToolMissingError(f"{program} not found on PATH",
+                                   "install it, or run another agent: --agent-cmd 'CMD'")
     return type_name, command + tail
 
 
-def _known_types_hint(custom) -> str:
-    names = sorted(set(BUILTIN_AGENT_TYPES) | set(custom))
-    return f"known types: {', '.join(names)}; or a program on PATH, or --agent-cmd 'CMD'"
+def _known_types_hint(types) -> str:
+    return f"known types: {', '.join(sorted(types))}; or a program on PATH, or --agent-cmd 'CMD'"
 
 
-def agent_type_env(settings: dict, type_name: str) -> dict:
-    """The env of a custom type and its parents (the child's values win)."""
-    custom = settings.get("agent_types") or {}
+def agent_type_env(types: dict, type_name: str) -> dict:
+    """The env of a type and its parents (the child's values win)."""
     chain, name = [], type_name
-    while name in custom and name not in chain:
+    while name in types and name not in chain:
         chain.append(name)
-        name = custom[name].get("parent_type")
+        name = types[name].get("parent_type")
     env = {}
     for name in reversed(chain):
-        values = custom[name].get("env") or {}
+        values = types[name].get("env") or {}
         if not isinstance(values, dict):
-            raise ConfigError(f"settings: [agent_types.{name}] env must be a table")
+            raise ConfigError(f"agent type {name}: env must be a table")
         env.update({str(k): str(v) for k, v in values.items()})
     return env
 
@@ -1805,9 +1806,11 @@ def agent_env_from_args(args, env) -> dict:
 def agent_basics(ctx, args, name, programs_here: bool = True):
     """(name, type, command, env) for create, whatever the provider; refuses early.
     programs_here: the agent runs on this machine, so its program must be on PATH."""
-    agent_type, command = resolve_agent_command(ctx.settings, args.agent_type, args.agent_cmd,
-                                                args.extra, None if programs_here else str)
-    env = agent_type_env(ctx.settings, agent_type)
+    types, from_settings = agent_types(ctx)
+    agent_type, command = resolve_agent_command(types, from_settings, args.agent_type,
+                                                args.agent_cmd, args.extra,
+                                                None if programs_here else str)
+    env = agent_type_env(types, agent_type)
     env.update(agent_env_from_args(args, ctx.env))
     name = name or f"{agent_type if agent_type != 'generic' else 'agent'}-{os.urandom(2).hex()}"
     return validate_name(name), agent_type, command, env
@@ -1830,6 +1833,103 @@ def git_is_dirty(path: Path) -> bool:
 
 BUILTIN_PROVIDERS = {"local": "mngr_providers.local:LocalProvider",
                      "docker": "mngr_providers.docker:DockerProvider"}
+BUILTIN_PLUGINS = {"claude": "mngr:ClaudeAgentType", "codex": "mngr:CodexAgentType"}
+PLUGIN_GROUPS = ("mngr.plugins", "mngr.providers")
+HOOKS = {
+    "program": ("on_startup", "on_load_config", "on_validate_permissions", "on_before_command",
+                "on_after_command", "on_error", "on_shutdown"),
+    "host": ("on_host_collected", "on_before_host_create", "on_after_host_create",
+             "on_host_state_change", "on_before_host_destroy", "on_after_host_destroy"),
+    "agent": ("on_agent_collected", "on_before_agent_create", "on_after_agent_create",
+              "on_before_agent_destroy", "on_after_agent_destroy"),
+    "fields": ("host_fields", "agent_fields"),
+    "declaring": ("agent_types", "permissions"),
+}
+ALL_HOOKS = tuple(h for names in HOOKS.values() for h in names)
+
+
+# What hooks are given: plain dataclasses (README, "Plugins").
+
+@dataclass
+class CommandCall:
+    """on_before_command may change args, or raise RefusedError to refuse the command."""
+    command: str
+    args: object
+
+
+@dataclass(frozen=True)
+class CommandOutcome:
+    command: str
+    exit_code: int
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class PermissionRequest:
+    """on_validate_permissions: the permissions asked for, before anything is made."""
+    agent: str
+    permissions: tuple = ()
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    id: str
+    name: str
+    provider: str
+    state: str
+
+
+@dataclass(frozen=True)
+class StateChange:
+    host: HostInfo
+    old: str
+    new: str
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    id: str
+    name: str
+    agent_type: str
+    host: HostInfo
+    state: str = ""
+
+
+def host_info(record: HostRecord, provider: str = "") -> HostInfo:
+    return HostInfo(record.id, record.name, provider or record.provider, record.lifecycle.state)
+
+
+def agent_info(record: AgentRecord, host: HostInfo, state: str = "") -> AgentInfo:
+    return AgentInfo(record.id, record.name, record.agent_type, host, state)
+
+
+class ClaudeAgentType:
+    """Built-in plugin: the `claude` agent type (Claude Code)."""
+
+    def agent_types(self):
+        return {"claude": {"command": "claude"}}
+
+
+class CodexAgentType:
+    """Built-in plugin: the `codex` agent type."""
+
+    def agent_types(self):
+        return {"codex": {"command": "codex"}}
+
+
+@dataclass
+class Plugin:
+    name: str
+    group: str
+    entry: object
+    dist: str = "mngr (built in)"
+    version: str = ""
+    enabled: bool = True
+    obj: object = None
+    error: str = ""
+
+    def hooks(self) -> list:
+        return [h for h in ALL_HOOKS if callable(getattr(self.obj, h, None))]
 
 
 def _ensure_builtin_providers_importable() -> None:
@@ -1850,29 +1950,140 @@ def _ensure_builtin_providers_importable() -> None:
     spec.loader.exec_module(module)
 
 
-def find_provider_backends() -> dict:
-    """Backend name -> EntryPoint: the built-ins, then installed ones."""
+def find_plugins() -> dict:
+    """Group -> {name: Plugin}, built-ins first, then installed entry points, found
+    (not loaded) in one scan of the installed distributions, sorted by name. Two
+    different entry points with one name are an error naming both packages."""
     from importlib.metadata import EntryPoint, entry_points
 
-    found = {name: EntryPoint(name, value, "mngr.providers")
-             for name, value in sorted(BUILTIN_PROVIDERS.items())}
-    for entry in sorted(entry_points(group="mngr.providers"), key=lambda e: e.name):
-        other = found.get(entry.name)
-        if other is not None and other.value != entry.value:
-            dist = getattr(getattr(entry, "dist", None), "name", "?")
-            raise PluginError(f"two providers are named {entry.name!r}: {other.value} and "
-                              f"{entry.value} (from {dist})", "uninstall one of them")
-        found[entry.name] = entry
-    return found
+    found = {group: {} for group in PLUGIN_GROUPS}
+    for group, builtins in (("mngr.providers", BUILTIN_PROVIDERS), ("mngr.plugins", BUILTIN_PLUGINS)):
+        for name, value in builtins.items():
+            found[group][name] = Plugin(name, group, EntryPoint(name, value, group))
+    everything = entry_points()
+    for group in PLUGIN_GROUPS:
+        for entry in sorted(everything.select(group=group), key=lambda e: e.name):
+            dist = getattr(entry, "dist", None)
+            dist_name = getattr(dist, "name", None) or "?"
+            other = found[group].get(entry.name)
+            if other is not None and other.entry.value != entry.value:
+                raise PluginError(f"two plugins are named {entry.name!r}: {other.entry.value} "
+                                  f"(from {other.dist}) and {entry.value} (from {dist_name})",
+                                  "uninstall one of them")
+            if other is None or other.dist.startswith("mngr"):
+                found[group][entry.name] = Plugin(entry.name, group, entry, dist_name,
+                                                  getattr(dist, "version", "") or "")
+    return {group: dict(sorted(plugins.items())) for group, plugins in found.items()}
 
 
-def load_backend(entry):
-    if entry.value.startswith("mngr_providers."):
+def load_entry(plugin: Plugin):
+    """Import what an entry point names; a failure names the plugin."""
+    if plugin.entry.value.startswith("mngr_providers."):
         _ensure_builtin_providers_importable()
     try:
-        return entry.load()
+        return plugin.entry.load()
     except Exception as exc:  # a plugin's own bug: report it by name
-        raise PluginError(f"provider {entry.name!r} ({entry.value}) failed to load: {exc}") from exc
+        raise PluginError(f"plugin {plugin.name} failed to load: {exc}",
+                          f"disable it: --disable-plugin {plugin.name}",
+                          detail=_traceback(exc)) from None
+
+
+def _traceback(exc: BaseException) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+class Plugins:
+    """The plugins of one process: found once, loaded once, called in name order."""
+
+    def __init__(self, settings: dict, env, enable=(), disable=()):
+        table = settings.get("plugins") or {}
+        if not isinstance(table, dict):
+            raise ConfigError("settings: [plugins] must be a table")
+        self.disabled = {name for name, conf in table.items()
+                         if isinstance(conf, dict) and conf.get("enabled") is False}
+        self.disabled |= {n.strip() for n in (env.get("MNGR_DISABLE_PLUGINS") or "").split(",")
+                          if n.strip()}
+        self.disabled |= set(disable)
+        self.disabled -= set(enable)
+        self._found = None
+        self._loaded = None
+
+    def found(self) -> dict:
+        if self._found is None:
+            self._found = find_plugins()
+            for group in self._found.values():
+                for plugin in group.values():
+                    plugin.enabled = plugin.name not in self.disabled
+        return self._found
+
+    def active(self) -> list:
+        """The enabled plugins of the mngr.plugins group, loaded (once)."""
+        if self._loaded is None:
+            loaded = []
+            for plugin in self.found()["mngr.plugins"].values():
+                if not plugin.enabled:
+                    continue
+                target = load_entry(plugin)
+                try:
+                    plugin.obj = target() if isinstance(target, type) else target
+                except Exception as exc:
+                    raise PluginError(f"plugin {plugin.name} failed to load: {exc}",
+                                      f"disable it: --disable-plugin {plugin.name}",
+                                      detail=_traceback(exc)) from None
+                loaded.append(plugin)
+            self._loaded = loaded
+        return self._loaded
+
+    def call(self, hook: str, *args) -> list:
+        """Call a hook on every active plugin that has it: [(plugin name, result)].
+        A plugin that raises is reported by name; RefusedError passes through."""
+        results = []
+        for plugin in self.active():
+            method = getattr(plugin.obj, hook, None)
+            if not callable(method):
+                continue
+            try:
+                results.append((plugin.name, method(*args)))
+            except MngrError as exc:
+                if isinstance(exc, RefusedError):
+                    raise
+                raise PluginError(f"plugin {plugin.name} failed in {hook}: {exc.line()}",
+                                  f"disable it: --disable-plugin {plugin.name}",
+                                  detail=_traceback(exc)) from None
+            except Exception as exc:
+                raise PluginError(f"plugin {plugin.name} failed in {hook}: "
+                                  f"{type(exc).__name__}: {exc}",
+                                  f"disable it: --disable-plugin {plugin.name}",
+                                  detail=_traceback(exc)) from None
+        return results
+
+    def agent_types(self) -> dict:
+        types = {}
+        for _name, declared in self.call("agent_types"):
+            types.update(declared or {})
+        return types
+
+
+class DisabledProvider:
+    """A provider instance whose backend plugin is disabled: its hosts are not touched."""
+
+    def __init__(self, name: str, backend: str, ctx):
+        self.name = name
+        self.backend = backend
+        self.ctx = ctx
+
+    def collect(self) -> list:
+        if not self.ctx.settings.get("providers", {}).get(self.name) and self.backend == "docker":
+            return []  # the implicit instance: nothing to say
+        warn(f"provider {self.name} ({self.backend}) is disabled: its hosts are not shown "
+             f"(enable it: --enable-plugin {self.backend})")
+        return []
+
+    def __getattr__(self, attribute):
+        raise PluginError(f"provider {self.name} is disabled, so its hosts cannot be used",
+                          f"enable it: --enable-plugin {self.backend}")
 
 
 # CLI #######################################################################
@@ -1881,11 +2092,13 @@ def load_backend(entry):
 class Context:
     """What one command invocation knows: env, cwd, settings, keys, providers."""
 
-    def __init__(self, args, env=None, cwd=None, settings=None):
+    def __init__(self, args, env=None, cwd=None, settings=None, plugins=None):
         self.args = args
         self.env = dict(os.environ if env is None else env)
         self.cwd = Path(cwd or os.getcwd())
         self.settings = settings if settings is not None else {}
+        self.plugins = plugins or Plugins(self.settings, self.env)
+        self._announced = set()
         self._keyring = None
         self._versions = None
         self._providers = None
@@ -1918,7 +2131,7 @@ class Context:
     def providers(self) -> list:
         """Every configured provider instance, local first, loaded on first use."""
         if self._providers is None:
-            backends = find_provider_backends()
+            backends = self.plugins.found()["mngr.providers"]
             # local always; docker too, but it costs nothing until it has a host
             instances = {"local": {"backend": "local"}, "docker": {"backend": "docker", "implicit": True}}
             configured = self.setting("providers", {})
@@ -1934,9 +2147,37 @@ class Context:
                 if backend not in backends:
                     raise ConfigError(f"settings: provider {name!r} uses unknown backend {backend!r}",
                                       f"known backends: {', '.join(sorted(backends))}")
-                cls = load_backend(backends[backend])
+                if not backends[backend].enabled:
+                    self._providers.append(DisabledProvider(name, backend, self))
+                    continue
+                cls = load_entry(backends[backend])
                 self._providers.append(cls(name, conf, self))
         return self._providers
+
+    def hook(self, name: str, *args) -> list:
+        return self.plugins.call(name, *args)
+
+    def collect_from(self, provider) -> list:
+        """One provider's hosts; each host and agent is announced to plugins once a command."""
+        hosts = provider.collect()
+        for host in hosts:
+            if host.record is None:
+                continue
+            info = host_info(host.record, provider.name)
+            if host.record.id not in self._announced:
+                self._announced.add(host.record.id)
+                self.hook("on_host_collected", info)
+            for agent in host.agents:
+                if agent.record.id not in self._announced:
+                    self._announced.add(agent.record.id)
+                    self.hook("on_agent_collected", agent_info(agent.record, info, agent.state))
+        return hosts
+
+    def state_changed(self, old: HostRecord, new: HostRecord, provider: str) -> None:
+        if old is None or old.lifecycle.state != new.lifecycle.state:
+            self.hook("on_host_state_change",
+                      StateChange(host_info(new, provider), old.lifecycle.state if old else "",
+                                  new.lifecycle.state))
 
     def provider(self, name: str):
         for provider in self.providers():
@@ -1949,7 +2190,7 @@ class Context:
         """Every host with its agents, one call per provider."""
         hosts = []
         for provider in self.providers():
-            hosts.extend(provider.collect())
+            hosts.extend(self.collect_from(provider))
         self.versions.save()
         return hosts
 
@@ -2000,6 +2241,10 @@ def _add_output_flags(parser) -> None:
     parser.add_argument("-q", "--quiet", action="count", default=0, help="print less")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="print more, including the detail behind errors")
+    parser.add_argument("--disable-plugin", action="append", default=[], metavar="NAME",
+                        help="run without this plugin (repeatable)")
+    parser.add_argument("--enable-plugin", action="append", default=[], metavar="NAME",
+                        help="run with this plugin even if settings disable it (repeatable)")
 
 
 def _add_targets(parser, what: str = "agents") -> None:
@@ -2281,6 +2526,14 @@ def _args_limit(sp, Parser):
     _add_policy_flags(sp)
 
 
+def _args_plugin(sp, Parser):
+    actions = sp.add_subparsers(dest="plugin_command", metavar="ACTION", parser_class=Parser)
+    actions.required = True
+    lsp = actions.add_parser("list", help="installed plugins and providers",
+                             description="installed plugins and providers")
+    _add_output_flags(lsp)
+
+
 # name, aliases, one-line help, the function that adds its arguments
 COMMAND_TABLE = (
     ("create", ("c",), "create an agent and start it", _args_create),
@@ -2296,6 +2549,7 @@ COMMAND_TABLE = (
     ("keys", (), "the signing keys", _args_keys),
     ("snapshot", (), "snapshots of hosts: create, list, destroy", _args_snapshot),
     ("enforce", (), "stop idle and stuck hosts (run it from cron)", _args_enforce),
+    ("plugin", (), "the installed plugins", _args_plugin),
     ("limit", ("lim",), "change the idle policy of agents' hosts", _args_limit),
 )
 
@@ -2514,6 +2768,7 @@ def cmd_create(args, ctx) -> int:
     else:
         provider = ctx.provider(args.provider)
     name = validate_name(args.name) if args.name else None
+    ctx.hook("on_validate_permissions", PermissionRequest(name or "", ()))
     plan = provider.plan_agent(args, name)
     view = provider.create_agent(plan, host)
     emit(ctx, agent_row(view, time.time()),
@@ -2552,8 +2807,13 @@ def cmd_list(args, ctx) -> int:
     decisions = host_decisions(ctx, hosts, now)
     rows = []
     for host in hosts:
+        info = host_info(host.record, host.provider.name) if host.record else None
+        host_extra = plugin_fields(ctx, "host_fields", info) if info else {}
         for agent in host.agents:
             row = agent_row(agent, now, decisions.get(id(host)))
+            row.update(host_extra)
+            if info:
+                row.update(plugin_fields(ctx, "agent_fields", agent_info(agent.record, info, agent.state)))
             if args.running and agent.state != "running":
                 continue
             if args.stopped and agent.state not in ("stopped", "done"):
@@ -2571,6 +2831,15 @@ def cmd_list(args, ctx) -> int:
                ("stops in", "stops_in"), ("age", "age"), ("work dir", "work_dir")]
     emit(ctx, rows, lambda: table(rows, columns) or "no agents")
     return EXIT_OK
+
+
+def plugin_fields(ctx, hook: str, subject) -> dict:
+    """Extra list columns from plugins, namespaced plugin.<name>.<field>."""
+    fields = {}
+    for name, values in ctx.hook(hook, subject):
+        for key, value in (values or {}).items():
+            fields[f"plugin.{name}.{key}"] = value
+    return fields
 
 
 def _host_target(ctx, hosts, name):
@@ -2658,7 +2927,9 @@ def enforce_once(args, ctx) -> int:
         if names and provider.name not in names:
             continue
         try:
-            hosts = provider.collect()
+            hosts = ctx.collect_from(provider)
+        except PluginError:
+            raise
         except MngrError as exc:
             row = {"provider": provider.name, "host": "", "action": "none", "result": "error",
                    "error": f"could not list hosts: {exc.line()}"}
@@ -2815,6 +3086,41 @@ def cmd_start(args, ctx) -> int:
         agent.host.provider.start_agent(agent)
         return "started"
     return run_on_targets(ctx, agents, start, "started")
+
+
+@command("plugin")
+def cmd_plugin(args, ctx) -> int:
+    """Every plugin and provider found, loaded where enabled; load errors are shown, not fatal."""
+    rows = []
+    for group, plugins in ctx.plugins.found().items():
+        for plugin in plugins.values():
+            row = {"name": plugin.name, "kind": "provider" if group == "mngr.providers" else "plugin",
+                   "distribution": plugin.dist, "version": plugin.version or __version__
+                   if plugin.dist.startswith("mngr (") else plugin.version,
+                   "entry_point": plugin.entry.value, "enabled": plugin.enabled, "hooks": [],
+                   "agent_types": [], "permissions": [], "error": ""}
+            if plugin.enabled:
+                try:
+                    target = load_entry(plugin)
+                    obj = target() if isinstance(target, type) and group == "mngr.plugins" else target
+                    plugin.obj = obj
+                    row["hooks"] = plugin.hooks()
+                    if group == "mngr.plugins":
+                        row["agent_types"] = sorted((getattr(obj, "agent_types", None) or dict)() or {})
+                        row["permissions"] = sorted((getattr(obj, "permissions", None) or dict)() or {})
+                except Exception as exc:
+                    row["error"] = exc.line() if isinstance(exc, MngrError) else f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+
+    def human():
+        return table([{**r, "state": "error" if r["error"] else ("enabled" if r["enabled"] else "disabled"),
+                       "hooks": ",".join(r["hooks"]) or "-", "types": ",".join(r["agent_types"]) or "-"}
+                      for r in rows],
+                     [("name", "name"), ("kind", "kind"), ("state", "state"),
+                      ("distribution", "distribution"), ("version", "version"), ("hooks", "hooks"),
+                      ("agent types", "types")])
+    emit(ctx, rows, human)
+    return EXIT_OK
 
 
 @command("snapshot")
@@ -3025,15 +3331,13 @@ def main(argv=None) -> int:
             parser.print_help()
             return EXIT_USAGE
         _VERBOSITY[0] = args.verbose - args.quiet
-        ctx = Context(args, env=env, settings=settings)
-        return COMMANDS[args.command](args, ctx)
+        plugins = Plugins(settings, env, args.enable_plugin, args.disable_plugin)
+        ctx = Context(args, env=env, settings=settings, plugins=plugins)
+        return run_command(args, ctx)
     except BrokenPipeError:
         return EXIT_OK
     except MngrError as exc:
-        print(f"mngr: error: {exc.line()}", file=sys.stderr)
-        if exc.detail and _VERBOSITY[0] > 0:
-            print(exc.detail.rstrip(), file=sys.stderr)
-        return exc.exit_code
+        return report_error(exc)
     except OSError as exc:  # a file or dir we needed: say which, never a traceback
         where = f": {exc.filename}" if exc.filename else ""
         print(f"mngr: error: {exc.strerror or exc}{where} (check the path and its permissions)",
@@ -3042,6 +3346,46 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("mngr: interrupted", file=sys.stderr)
         return 130
+
+
+def report_error(exc: MngrError) -> int:
+    print(f"mngr: error: {exc.line()}", file=sys.stderr)
+    if exc.detail and _VERBOSITY[0] > 0:
+        print(exc.detail.rstrip(), file=sys.stderr)
+    return exc.exit_code
+
+
+def run_command(args, ctx) -> int:
+    """A command between the program hooks; on_shutdown always runs once plugins loaded."""
+    command = args.command
+    if command == "plugin":  # it reports broken plugins, so it must not need them to work
+        return COMMANDS[command](args, ctx)
+    plugins = ctx.plugins
+    outcome = [EXIT_ERROR]
+    try:
+        plugins.call("on_startup", CommandCall(command, args))
+        for _name, changed in plugins.call("on_load_config", ctx.settings):
+            if isinstance(changed, dict):
+                ctx.settings = changed
+        call = CommandCall(command, args)
+        plugins.call("on_before_command", call)
+        code = outcome[0] = COMMANDS[command](call.args, ctx)
+        plugins.call("on_after_command", CommandOutcome(command, code))
+        return code
+    except MngrError as exc:
+        outcome[0] = exc.exit_code
+        if plugins._loaded is not None and not isinstance(exc, PluginError):
+            try:
+                plugins.call("on_error", CommandOutcome(command, exc.exit_code, exc.line()))
+            except PluginError as hook_error:
+                report_error(hook_error)
+        raise
+    finally:
+        if plugins._loaded is not None:
+            try:
+                plugins.call("on_shutdown", CommandOutcome(command, outcome[0]))
+            except PluginError as hook_error:
+                report_error(hook_error)
 
 
 def console_main() -> None:

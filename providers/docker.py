@@ -17,6 +17,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -124,12 +125,12 @@ class DockerProvider:
 
     def _set_state(self, store, record, new_state: str, write: bool = True):
         lifecycle = mngr.transition(record.lifecycle, new_state, time.time())
-        record = replace(record, lifecycle=lifecycle,
-                         version=store.next_version(record.id, record.version))
+        new = replace(record, lifecycle=lifecycle, version=store.next_version(record.id, record.version))
         if write:
-            store.write_host(record)
+            store.write_host(new)
             store.versions.save()
-        return record
+            self.ctx.state_changed(record, new, self.name)
+        return new
 
     def _started(self, container: str, store, record, start):
         """starting -> running, signed, sent into the host with the agents to start; the
@@ -143,7 +144,9 @@ class DockerProvider:
                              version=running.version + 1)
             store.write_host(failed)
             store.versions.save()
+            self.ctx.state_changed(record, failed, self.name)
             raise
+        self.ctx.state_changed(record, running, self.name)
         return running
 
     # Reading -----------------------------------------------------------------
@@ -312,9 +315,11 @@ class DockerProvider:
         record = mngr.HostRecord(id=host_id, name=plan.name, provider=self.name,
                                  lifecycle=mngr.Lifecycle("building" if building else "starting", now),
                                  policy=policy, created_at=now)
+        self.ctx.hook("on_before_host_create", mngr.host_info(record, self.name))
         store.host_dir.skeleton()
         store.write_host(record)
         store.versions.save()
+        self.ctx.state_changed(None, record, self.name)
         try:
             if args.snapshot:
                 image = self._snapshot_image(args.snapshot)
@@ -325,6 +330,8 @@ class DockerProvider:
             if args.pull:
                 self._require_image(image, pull=True)
             agent = self._agent_record(plan, host_id, now)
+            self.ctx.hook("on_before_agent_create",
+                          mngr.agent_info(agent, mngr.host_info(record, self.name)))
             store.write_agent(agent)
             mngr.atomic_write(store.host_dir.agent_dir(agent.id) / "env",
                               mngr.format_env_file(plan.env), mode=0o600)
@@ -334,6 +341,8 @@ class DockerProvider:
             container = self._create_container(record, image, args)
             self._cp_in(container, self._files(store, skeleton=True), work=plan)
             self.docker("start", container)
+            # the host exists now: a plugin failing here leaves it failed, not invisible
+            self.ctx.hook("on_after_host_create", mngr.host_info(record, self.name))
             record = self._started(container, store, record, [agent.id])
         except BaseException as exc:
             current, _ = store.read_host()
@@ -343,7 +352,10 @@ class DockerProvider:
                 exc.hint = exc.hint or f"the host shows as failed; remove it: mngr destroy -f {plan.name}"
             raise
         store.versions.save()
-        return self._fresh_view(record, container, agent)
+        view = self._fresh_view(record, container, agent)
+        self.ctx.hook("on_after_agent_create", mngr.agent_info(agent, mngr.host_info(record, self.name),
+                                                               view.state))
+        return view
 
     def _fresh_view(self, record, container: str, agent):
         """The view of an agent just started, without listing everything again."""
@@ -370,6 +382,8 @@ class DockerProvider:
         store = self.store(host.record.id)
         container = host.facts["id"]
         agent = self._agent_record(plan, host.record.id, time.time())
+        info = mngr.host_info(host.record, self.name)
+        self.ctx.hook("on_before_agent_create", mngr.agent_info(agent, info))
         store.write_agent(agent)
         mngr.atomic_write(store.host_dir.agent_dir(agent.id) / "env",
                           mngr.format_env_file(plan.env), mode=0o600)
@@ -380,7 +394,9 @@ class DockerProvider:
         self._cp_in(container, {}, work=plan)
         self._deploy(container, store, start=[agent.id])
         store.versions.save()
-        return self._fresh_view(record, container, agent)
+        view = self._fresh_view(record, container, agent)
+        self.ctx.hook("on_after_agent_create", mngr.agent_info(agent, info, view.state))
+        return view
 
     def _image(self, plan: DockerPlan, host_id: str) -> str:
         """Build the host's image: from --dockerfile (labelled as this host's, so destroy
@@ -730,28 +746,33 @@ class DockerProvider:
         host = view.host
         store = self.store(host.record.id)
         record, _ = store.read_host()
+        info = mngr.host_info(record, self.name)
+        agent = mngr.agent_info(view.record, info, view.state)
+        self.ctx.hook("on_before_agent_destroy", agent)
         remaining = tuple(a for a in record.agents if a != view.record.id)
         if not remaining:  # the host goes, with everything mngr made for it
+            self.ctx.hook("on_before_host_destroy", info)
             if host.facts.get("exists"):
                 self.docker("rm", "-f", host.facts["id"], timeout=120)
             built = self.docker("images", "-q", "--filter",
                                 f"label={LABEL}.built-for={host.record.id}").stdout.split()
             if built:
                 self.docker("rmi", "-f", *set(built), check=False)
-            import shutil
-
             shutil.rmtree(store.host_dir.root, ignore_errors=True)
+            self.ctx.hook("on_after_agent_destroy", agent)
+            gone = replace(record, lifecycle=mngr.Lifecycle("destroyed", time.time()))
+            self.ctx.state_changed(record, gone, self.name)
+            self.ctx.hook("on_after_host_destroy", mngr.host_info(gone, self.name))
             return
         if host.facts.get("running"):
             self.tmux(host.facts["id"]).kill(view.record.session)
         record = replace(record, agents=remaining, version=store.next_version(record.id, record.version))
         store.write_host(record)
         store.versions.save()
-        import shutil
-
         shutil.rmtree(store.host_dir.agent_dir(view.record.id), ignore_errors=True)
         if host.facts.get("exists"):
             self._push(host, store)
+        self.ctx.hook("on_after_agent_destroy", agent)
 
     def _push(self, host, store) -> None:
         """The records into the host: atomically when it runs, by docker cp when not."""

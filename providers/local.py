@@ -191,6 +191,9 @@ class LocalProvider:
                         raise mngr.RefusedError(f"an agent named {plan.name} already exists",
                                                 "pick another name, or destroy it first")
                 agent_id = mngr.new_id()
+                info = mngr.HostInfo(host.id, host.name, self.name, host.lifecycle.state)
+                self.ctx.hook("on_before_agent_create", mngr.AgentInfo(
+                    agent_id, plan.name, plan.agent_type, info))
                 work_dir = self._make_work_dir(plan, agent_id, undo)
                 agent_dir = self.host_dir.agent_dir(agent_id)
                 mngr.agent_skeleton(agent_dir)
@@ -209,6 +212,7 @@ class LocalProvider:
                 store.write_host(new_host)
                 undo.append(lambda: self._forget_agent(agent_id))
                 self._start_session(record, python)
+                undo.append(lambda: self.tmux.kill(record.session))
                 store.versions.save()
         except BaseException:
             for step in reversed(undo):
@@ -217,7 +221,10 @@ class LocalProvider:
         self._ensure_watcher(python)
         mngr.append_jsonl(self.host_dir.events / "mngr.jsonl",
                           {"at": now, "event": "agent_created", "agent": plan.name, "id": agent_id})
-        return self._refresh(mngr.AgentView(record, None, "running", mngr.Verification(True)))
+        view = self._refresh(mngr.AgentView(record, None, "running", mngr.Verification(True)))
+        # after the fact: a plugin failing here leaves the agent there, and says so
+        self.ctx.hook("on_after_agent_create", mngr.agent_info(record, info, view.state))
+        return view
 
     def _ensure_host(self, store) -> mngr.HostRecord:
         record, verification = store.read_host()
@@ -232,7 +239,10 @@ class LocalProvider:
         record = mngr.HostRecord(id=mngr.new_id(), name="local", provider=self.name,
                                  lifecycle=mngr.Lifecycle("running", now),
                                  policy=self.default_policy(), created_at=now)
+        self.ctx.hook("on_before_host_create", mngr.host_info(record, self.name))
         store.write_host(record)
+        self.ctx.state_changed(None, record, self.name)
+        self.ctx.hook("on_after_host_create", mngr.host_info(record, self.name))
         return record
 
     def _make_work_dir(self, plan: AgentPlan, agent_id: str, undo) -> Path:
@@ -408,6 +418,8 @@ class LocalProvider:
 
     def destroy_agent(self, view, remove_work: bool, discard_changes: bool) -> None:
         record = view.record
+        info = mngr.agent_info(record, mngr.host_info(view.host.record, self.name), view.state)
+        self.ctx.hook("on_before_agent_destroy", info)
         if remove_work and record.work_mode == "worktree" and Path(record.work_dir).is_dir() \
                 and not discard_changes and mngr.git_is_dirty(Path(record.work_dir)):
             raise mngr.RefusedError(f"worktree {record.work_dir} has uncommitted changes",
@@ -424,6 +436,7 @@ class LocalProvider:
         mngr.append_jsonl(self.host_dir.events / "mngr.jsonl",
                           {"at": time.time(), "event": "agent_destroyed", "agent": record.name,
                            "id": record.id})
+        self.ctx.hook("on_after_agent_destroy", info)
 
     def _forget_agent(self, agent_id: str) -> None:
         store = self.store()
@@ -443,6 +456,9 @@ class LocalProvider:
                 self.tmux.kill(session)
         mngr.append_jsonl(self.host_dir.events / "mngr.jsonl",
                           {"at": time.time(), "event": "host_agents_stopped"})
+        if host.record is not None:  # the machine runs on; as mngr sees it, the host stopped
+            stopped = replace(host.record, lifecycle=mngr.Lifecycle("stopped", time.time()))
+            self.ctx.state_changed(host.record, stopped, self.name)
 
     def mark_failed(self, host) -> None:
         raise mngr.RefusedError("the local host is always running; it cannot fail")

@@ -36,6 +36,28 @@ def report(name, value, limit, unit="x") -> None:
     print(f"{name:<48} {value:8.2f}{unit}  (target <= {limit:g}{unit})  {'ok' if ok else 'MISSED'}")
 
 
+def bench_plugins(env) -> None:
+    """--help and list with ten installed no-op plugins, against none."""
+    root = Path(tempfile.mkdtemp(prefix="mngr-bench-p-"))
+    empty, full = root / "none", root / "ten"
+    empty.mkdir()
+    full.mkdir()
+    (full / "mngr_noop.py").write_text("class Noop:\n    pass\n")
+    for i in range(10):
+        info = full / f"mngr_noop{i}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: mngr-noop{i}\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text(f"[mngr.plugins]\nnoop{i} = mngr_noop:Noop\n")
+    try:
+        for label, argv in (("--help", [PY, "-m", "mngr", "--help"]),
+                            ("list --json", [PY, str(REPO / "mngr.py"), "list", "--json"])):
+            without = timed(argv, {**env, "PYTHONPATH": str(empty)})
+            with_ten = timed(argv, {**env, "PYTHONPATH": str(full)})
+            report(f"mngr {label}: 10 no-op plugins / none", with_ten / without, 1.2)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def bench_decide() -> None:
     sys.path.insert(0, str(REPO))
     import mngr
@@ -230,6 +252,7 @@ def main() -> int:
                            env=env, cwd=work, check=True, stdout=subprocess.DEVNULL)
         listed = timed([PY, str(REPO / "mngr.py"), "list", "--json"], env, runs=10)
         report("mngr list --json, 100 agents / baseline", listed / baseline, 3.0)
+        bench_plugins(env)
         bench_decide()
         bench_enforce(env, home)
         bench_docker(env)

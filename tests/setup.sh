@@ -38,6 +38,12 @@ venv() {
         echo "setup: installing ${need[*]} into .venv" >&2
         .venv/bin/python -m pip install --quiet "${need[@]}"
     fi
+    # the test plugin, installed for real (editable: it follows its source) so that
+    # mngr finds it through its entry points
+    if ! .venv/bin/python -c "import mngr_test_recorder" 2>/dev/null; then
+        .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation \
+            --editable tests/plugins/recorder
+    fi
 }
 
 docker() {

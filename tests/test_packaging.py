@@ -77,11 +77,16 @@ def test_pip_install_gives_a_script_and_the_provider_entry_point(tmp_path):
     need(subprocess.run([sys.executable, "-c", "import setuptools, wheel"]).returncode == 0,
          "setuptools and wheel (make test puts them in .venv)")
     target = tmp_path / "site"
+    source = tmp_path / "source"  # building writes into the source tree: use a copy
+    source.mkdir()
+    for name in ("mngr.py", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "providers", source / "providers",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                            "--no-build-isolation", "--no-index", "--target", str(target), str(REPO)],
+                            "--no-build-isolation", "--no-index", "--target", str(target), str(source)],
                            capture_output=True, text=True, cwd=tmp_path)
     assert build.returncode == 0, build.stderr
-    shutil.rmtree(REPO / "build", ignore_errors=True)
     env = {**clean_env(tmp_path), "PYTHONPATH": str(target)}
     script = subprocess.run([str(target / "bin" / "mngr"), "--version"], capture_output=True,
                             text=True, env=env, cwd=tmp_path)
