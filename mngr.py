@@ -371,9 +371,11 @@ def derive_state(exists: bool, running: bool, signed_state: str) -> str:
     """A host's observed state: provider facts first, the signed record for the rest."""
     if not exists:
         return "building" if signed_state == "building" else "destroyed"
+    if signed_state == "failed":  # broke before it could run; only destroy moves it on
+        return "failed"
     if running:
         return signed_state if signed_state in ("starting", "stopping") else "running"
-    if signed_state in ("starting", "failed"):
+    if signed_state == "starting":
         return signed_state
     return "stopped"
 
@@ -445,7 +447,7 @@ def decide(observation: Observation, policy: IdlePolicy, now: float) -> Decision
                                     f"past its {format_duration(limit)} timeout", None, deadline,
                             "timeout")
         return Decision("none", f"{obs.state} (timeout {format_duration(limit)})", None, deadline)
-    if not obs.running:
+    if not obs.running or obs.state == "failed":
         return Decision("none", f"host is {obs.state}")
 
     lifetime_deadline = None

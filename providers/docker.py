@@ -320,6 +320,7 @@ class DockerProvider:
         store.write_host(record)
         store.versions.save()
         self.ctx.state_changed(None, record, self.name)
+        container = ""
         try:
             if args.snapshot:
                 image = self._snapshot_image(args.snapshot)
@@ -348,6 +349,8 @@ class DockerProvider:
             current, _ = store.read_host()
             if current is not None and "failed" in mngr.HOST_TRANSITIONS[current.lifecycle.state]:
                 self._set_state(store, current, "failed")
+            if container:  # kept for a look and for destroy, but not left running
+                self.docker("kill", container, check=False)
             if isinstance(exc, mngr.MngrError):
                 exc.hint = exc.hint or f"the host shows as failed; remove it: mngr destroy -f {plan.name}"
             raise

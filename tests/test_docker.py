@@ -214,3 +214,42 @@ def test_rotating_keys_resigns_the_records_inside_running_hosts(dk):
     row = json.loads(dk.ok("enforce", "--json", "--provider", dk.provider).out)[0]
     assert row["action"] == "none", row  # the old key is gone, yet nothing reads as tampered
     assert rows(dk)["rot"]["verified"] is True
+
+
+def test_plugin_hooks_on_docker_and_a_failing_after_host_create(dk, tmp_path):
+    listed = json.loads(dk.ok("plugin", "list", "--json").out)
+    need(any(p["name"] == "recorder" for p in listed), "the test plugin mngr-test-recorder")
+    log = tmp_path / "hooks.jsonl"
+    recording = {"MNGR_RECORDER_LOG": str(log)}
+
+    def recorded():
+        lines = log.read_text().splitlines()
+        log.unlink()
+        return [json.loads(line) for line in lines]
+
+    dk.ok("create", "hooked", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect",
+          env=recording)
+    seen = recorded()
+    assert [c["hook"] for c in seen][3:-2] == [
+        "on_validate_permissions", "on_before_host_create", "on_host_state_change",
+        "on_before_agent_create", "on_after_host_create", "on_host_state_change",
+        "on_after_agent_create"]
+    changes = [(c["args"][0]["old"], c["args"][0]["new"]) for c in seen
+               if c["hook"] == "on_host_state_change"]
+    assert changes == [("", "starting"), ("starting", "running")]
+    dk.ok("stop", "hooked", env=recording)
+    changes = [(c["args"][0]["old"], c["args"][0]["new"]) for c in recorded()
+               if c["hook"] == "on_host_state_change"]
+    assert changes == [("running", "stopping"), ("stopping", "stopped")]
+    dk.ok("destroy", "-f", "hooked", env=recording)
+    assert [c["hook"] for c in recorded()][-7:-2] == [
+        "on_before_agent_destroy", "on_before_host_destroy", "on_after_agent_destroy",
+        "on_host_state_change", "on_after_host_destroy"]
+
+    failing = {**recording, "MNGR_RECORDER_FAIL": "on_after_host_create"}
+    result = dk("create", "doomed", "--in", dk.provider, "--agent-cmd", "sleep 600",
+                "--no-connect", env=failing)
+    assert result.code == 1 and "plugin recorder failed in on_after_host_create" in result.err
+    assert rows(dk)["doomed"]["host_state"] == "failed"  # the host exists: shown, never hidden
+    dk.ok("destroy", "-f", "doomed")
+    assert container(dk, "doomed") is None
