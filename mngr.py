@@ -284,10 +284,12 @@ class HostRecord:
     agents: tuple = ()
     created_at: float = 0.0
     version: int = 1
+    permissions: tuple = ()      # the union of its agents' permissions
 
     def to_dict(self) -> dict:
         return {
             "kind": "host",
+            "permissions": list(self.permissions),
             "id": self.id,
             "name": self.name,
             "provider": self.provider,
@@ -315,6 +317,7 @@ class HostRecord:
             agents=tuple(str(a) for a in data.get("agents", ())),
             created_at=float(data.get("created_at", 0.0)),
             version=int(data["version"]),
+            permissions=tuple(str(p) for p in data.get("permissions", ())),
         )
 
 
@@ -335,10 +338,12 @@ class AgentRecord:
     start_on_boot: bool = False
     created_at: float = 0.0
     version: int = 1
+    permissions: tuple = ()
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["kind"] = "agent"
+        data["permissions"] = list(self.permissions)
         return data
 
     @classmethod
@@ -348,7 +353,9 @@ class AgentRecord:
         if data.get("work_mode") not in WORK_MODES:
             raise ValueError(f"unknown work mode {data.get('work_mode')!r}")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        fields = {k: v for k, v in data.items() if k in names}
+        fields["permissions"] = tuple(str(p) for p in fields.get("permissions", ()))
+        return cls(**fields)
 
 
 # Pure core #################################################################
@@ -365,6 +372,33 @@ def transition(current: Lifecycle, new_state: str, now: float) -> Lifecycle:
             f"from {current.state} it can go to: {allowed}",
         )
     return Lifecycle(new_state, now)
+
+
+PERMISSION_PATTERN = r"([a-z][a-z0-9]*):(\S+)"
+
+
+def parse_permission(text: str):
+    """'family:detail' -> (family, detail); anything else is a usage error."""
+    match = re.fullmatch(PERMISSION_PATTERN, text or "", re.ASCII) if isinstance(text, str) else None
+    if not match:
+        raise UsageError(f"bad permission {text!r}",
+                         "write family:detail, e.g. env:GITHUB_TOKEN, net:egress, fs:mount:/data")
+    return match.group(1), match.group(2)
+
+
+def format_permission(family: str, detail: str) -> str:
+    return f"{family}:{detail}"
+
+
+def permission_union(agent_sets) -> tuple:
+    """A host's effective permissions: the union of its agents' (every agent on a host
+    can use every permission on it)."""
+    return tuple(sorted(set().union(*map(set, agent_sets)))) if agent_sets else ()
+
+
+def grants(permissions, family: str, detail: str) -> bool:
+    """Whether a set of permissions covers family:detail (family:* covers the family)."""
+    return f"{family}:*" in permissions or f"{family}:{detail}" in permissions
 
 
 def derive_state(exists: bool, running: bool, signed_state: str) -> str:
@@ -905,7 +939,12 @@ class HostView:
     def verify_error(self) -> str:
         if not self.verification.ok:
             return f"host record: {self.verification.reason}"
-        return self.problems[0] if self.problems else ""
+        if self.problems:
+            return self.problems[0]
+        if self.record is not None and tuple(self.record.permissions) != permission_union(
+                [a.record.permissions for a in self.agents]):
+            return "host permissions are not the union of its agents'"
+        return ""
 
     @property
     def name(self) -> str:
@@ -1806,16 +1845,37 @@ def agent_env_from_args(args, env) -> dict:
 
 
 def agent_basics(ctx, args, name, programs_here: bool = True):
-    """(name, type, command, env) for create, whatever the provider; refuses early.
-    programs_here: the agent runs on this machine, so its program must be on PATH."""
+    """(name, type, command, env, permissions) for create, whatever the provider;
+    refuses early. programs_here: the agent runs on this (trusted) machine, so its
+    program must be on PATH, and its env needs no env: grants (a warning instead)."""
     types, from_settings = agent_types(ctx)
     agent_type, command = resolve_agent_command(types, from_settings, args.agent_type,
                                                 args.agent_cmd, args.extra,
                                                 None if programs_here else str)
     env = agent_type_env(types, agent_type)
     env.update(agent_env_from_args(args, ctx.env))
-    name = name or f"{agent_type if agent_type != 'generic' else 'agent'}-{os.urandom(2).hex()}"
-    return validate_name(name), agent_type, command, env
+    name = validate_name(name or f"{agent_type if agent_type != 'generic' else 'agent'}-"
+                                 f"{os.urandom(2).hex()}")
+    declared = []
+    for type_name in _type_chain(types, agent_type):
+        declared += list(types[type_name].get("permissions") or ())
+    permissions = validate_permissions(ctx, list(args.grant) + declared, name)
+    missing = [key for key in sorted(env) if not grants(permissions, "env", key)]
+    if missing and programs_here:
+        warn(f"env {', '.join(missing)} without an env: grant; the local host is trusted, so "
+             "it is passed anyway")
+    elif missing:
+        raise RefusedError(f"env {', '.join(missing)} needs a grant to reach this host",
+                           "add " + " ".join(f"--grant env:{key}" for key in missing))
+    return name, agent_type, command, env, permissions
+
+
+def _type_chain(types: dict, type_name: str) -> list:
+    chain, name = [], type_name
+    while name in types and name not in chain:
+        chain.append(name)
+        name = types[name].get("parent_type")
+    return chain
 
 
 def git(source, *args, **kwargs):
@@ -1835,7 +1895,8 @@ def git_is_dirty(path: Path) -> bool:
 
 BUILTIN_PROVIDERS = {"local": "mngr_providers.local:LocalProvider",
                      "docker": "mngr_providers.docker:DockerProvider"}
-BUILTIN_PLUGINS = {"claude": "mngr:ClaudeAgentType", "codex": "mngr:CodexAgentType"}
+BUILTIN_PLUGINS = {"claude": "mngr:ClaudeAgentType", "codex": "mngr:CodexAgentType",
+                   "core-permissions": "mngr:CorePermissions"}
 PLUGIN_GROUPS = ("mngr.plugins", "mngr.providers")
 HOOKS = {
     "program": ("on_startup", "on_load_config", "on_validate_permissions", "on_before_command",
@@ -1917,6 +1978,72 @@ class CodexAgentType:
 
     def agent_types(self):
         return {"codex": {"command": "codex"}}
+
+
+class CorePermissions:
+    """Built-in plugin: the env, net and fs permission families."""
+
+    def permissions(self):
+        return {"env": "env:NAME lets the host receive that environment variable",
+                "net": "net:egress gives the host a network; without it (net:none) it has none",
+                "fs": "fs:mount:/abs/path[:ro] lets the host bind-mount that path"}
+
+    def on_validate_permissions(self, request):
+        for permission in request.permissions:
+            family, detail = parse_permission(permission)
+            if detail == "*" or family not in ("env", "net", "fs"):
+                continue
+            if family == "env" and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", detail):
+                raise RefusedError(f"bad permission {permission!r}: env:NAME takes a variable name")
+            if family == "net" and detail not in ("egress", "none"):
+                raise RefusedError(f"bad permission {permission!r}", "net:egress or net:none")
+            if family == "fs" and not re.fullmatch(r"mount:/[^:]*(:ro)?", detail):
+                raise RefusedError(f"bad permission {permission!r}",
+                                   "fs:mount:/absolute/path, or fs:mount:/absolute/path:ro")
+
+
+def validate_permissions(ctx, permissions, agent: str = "") -> tuple:
+    """Refuse, before anything is made, a permission that is malformed, of a family no
+    plugin owns, or that its owner rejects. Each family has exactly one owner."""
+    owners = {}
+    for name, declared in ctx.hook("permissions"):
+        for family in declared or {}:
+            if family in owners:
+                raise PluginError(f"permission family {family!r} is claimed by two plugins: "
+                                  f"{owners[family]} and {name}", "disable one of them")
+            owners[family] = name
+    for permission in permissions:
+        family, _ = parse_permission(permission)
+        if family not in owners:
+            raise UsageError(f"unknown permission family in {permission!r}",
+                             f"known families: {', '.join(sorted(owners))}")
+    ctx.hook("on_validate_permissions", PermissionRequest(agent, tuple(permissions)))
+    return tuple(sorted(set(permissions)))
+
+
+def mount_allowed(permissions, source: str, read_only: bool) -> bool:
+    """Whether fs:mount: grants cover bind-mounting source (read-only when the grant says :ro)."""
+    if "fs:*" in permissions:
+        return True
+    for permission in permissions:
+        family, detail = parse_permission(permission)
+        if family != "fs" or not detail.startswith("mount:"):
+            continue
+        path, _, flag = detail[len("mount:"):].partition(":")
+        inside = source == path or source.startswith(path.rstrip("/") + "/")
+        if inside and (read_only or flag != "ro"):
+            return True
+    return False
+
+
+def widening(host_name: str, union, has_agents: bool, new_union, allow: bool) -> None:
+    """Refuse to widen a host's permissions without --allow-widen, when other agents
+    are on it (they would all get what is added)."""
+    added = sorted(set(new_union) - set(union))
+    if has_agents and added and not allow:
+        raise RefusedError(f"this would widen host {host_name}'s permissions by {', '.join(added)}",
+                           "every agent on a host can use every permission on it; "
+                           "pass --allow-widen to accept")
 
 
 @dataclass
@@ -2263,6 +2390,12 @@ def _args_create(sp, Parser):
     sp.add_argument("--in", dest="provider", default="local", metavar="PROVIDER",
                     help="the provider instance that makes the host (default: local)")
     sp.add_argument("--host", metavar="HOST", help="add the agent to this existing host")
+    sp.add_argument("--grant", action="append", default=[], metavar="PERM",
+                    help="a permission, family:detail, e.g. env:GITHUB_TOKEN, net:egress (repeatable)")
+    sp.add_argument("--allow-widen", action="store_true",
+                    help="accept widening an existing host's permissions")
+    sp.add_argument("--mount", action="append", default=[], metavar="SRC:DST[:ro]",
+                    help="bind-mount a path into a container host (needs an fs:mount: grant)")
     group = sp.add_argument_group("container hosts")
     group.add_argument("--image", metavar="IMAGE", help="run the host from this local image")
     group.add_argument("--dockerfile", metavar="PATH", help="build the host's image from this file")
@@ -2525,6 +2658,14 @@ def _args_limit(sp, Parser):
     sp.add_argument("--host", action="append", default=[], metavar="HOST",
                     help="a host (name or id) instead of agents' hosts (repeatable)")
     sp.add_argument("--dry-run", action="store_true", help="show the new policy, change nothing")
+    sp.add_argument("--grant", action="append", default=[], metavar="PERM",
+                    help="grant the agents a permission (repeatable)")
+    sp.add_argument("--revoke", action="append", default=[], metavar="PERM",
+                    help="revoke a permission, exactly as granted (repeatable)")
+    sp.add_argument("--allow-widen", action="store_true",
+                    help="accept widening the host's permissions")
+    sp.add_argument("--no-restart", action="store_true",
+                    help="do not restart the agents now (the change waits for their next start)")
     _add_policy_flags(sp)
 
 
@@ -2739,6 +2880,8 @@ def agent_row(agent: AgentView, now: float, judged=None) -> dict:
         "deadline": iso(deadline) if deadline else None,
         "stops_in": "-" if deadline is None else age(now, deadline) if deadline > now else "now",
         "decision": decision.to_dict() if decision else None,
+        "permissions": list(record.permissions),
+        "host_permissions": list(host.record.permissions) if host.record else [],
     }
 
 
@@ -2770,7 +2913,6 @@ def cmd_create(args, ctx) -> int:
     else:
         provider = ctx.provider(args.provider)
     name = validate_name(args.name) if args.name else None
-    ctx.hook("on_validate_permissions", PermissionRequest(name or "", ()))
     plan = provider.plan_agent(args, name)
     view = provider.create_agent(plan, host)
     emit(ctx, agent_row(view, time.time()),
@@ -2835,6 +2977,41 @@ def cmd_list(args, ctx) -> int:
     return EXIT_OK
 
 
+def change_permissions(ctx, args, agents) -> list:
+    """limit --grant/--revoke: check everything first, then re-sign and restart."""
+    grant = validate_permissions(ctx, args.grant) if args.grant else ()
+    plans = []
+    for agent in agents:
+        current = set(agent.record.permissions)
+        missing = [p for p in args.revoke if p not in current]
+        if missing:
+            raise UsageError(f"{agent.record.name} was never granted {', '.join(missing)}",
+                             "revoke exactly what was granted: see mngr list --json")
+        new = tuple(sorted((current | set(grant)) - set(args.revoke)))
+        host = agent.host
+        others = [a.record.permissions for a in host.agents if a.record.id != agent.record.id]
+        widening(host.name, host.record.permissions, bool(others), permission_union(others + [new]),
+                 args.allow_widen)
+        plans.append((agent, new))
+    rows = []
+    for agent, new in plans:
+        rows.append({"agent": agent.record.name, "permissions": list(new), "dry_run": args.dry_run,
+                     "restarted": False})
+        if args.dry_run or new == agent.record.permissions:
+            continue
+        provider = agent.host.provider
+        provider.update_agent(agent, permissions=new)
+        if "net:egress" in set(new) - set(agent.record.permissions) and agent.host.provider.backend != "local":
+            warn(f"{agent.host.name} gets a network only when its container is re-made: "
+                 f"mngr snapshot create {agent.record.name}, then mngr start {agent.record.name} --snapshot ID")
+        if args.no_restart:
+            warn(f"{agent.record.name} keeps its old environment until its next start")
+        elif agent.state == "running":
+            provider.restart_agent(ctx.resolve([agent.record.id])[0])
+            rows[-1]["restarted"] = True
+    return rows
+
+
 def plugin_fields(ctx, hook: str, subject) -> dict:
     """Extra list columns from plugins, namespaced plugin.<name>.<field>."""
     fields = {}
@@ -2866,6 +3043,10 @@ def cmd_limit(args, ctx) -> int:
         agents = ctx.resolve(args.agents, args.all, args.stdin)
         targets = {id(a.host): a.host for a in agents}
     rows = []
+    if args.grant or args.revoke:  # checked in full before anything changes
+        if args.host:
+            raise UsageError("permissions are granted to agents", "name the agents instead of --host")
+        rows += change_permissions(ctx, args, agents)
     for host in targets.values():
         if host.record is None:
             raise TamperedStateError(f"host {host.name}'s record fails verification "
@@ -2885,6 +3066,13 @@ def cmd_limit(args, ctx) -> int:
     def human():
         lines = []
         for row in rows:
+            if "agent" in row:
+                verb = "would have" if args.dry_run else "has"
+                lines.append(f"{row['agent']}: {verb} permissions {', '.join(row['permissions']) or '-'}"
+                             + (" (restarted)" if row["restarted"] else ""))
+                continue
+            if not row["changed"] and (args.grant or args.revoke):
+                continue
             p = row["policy"]
             verb = "would set" if args.dry_run else ("set" if row["changed"] else "unchanged")
             lines.append(f"{row['host']}: {verb} idle_mode={p['idle_mode']} "

@@ -51,6 +51,8 @@ class DockerPlan:
     source_dir: Path
     excludes: tuple
     args: object
+    permissions: tuple = ()
+    mounts: tuple = ()
 
 
 class DockerProvider:
@@ -64,7 +66,8 @@ class DockerProvider:
         if conf.get("docker_host"):
             self.env["DOCKER_HOST"] = str(conf["docker_host"])
         self.records_root = mngr.user_dir(ctx.env) / "hosts"
-        self.network = str(conf.get("network", "none"))
+        # the network a host gets with net:egress; without it, none
+        self.egress_network = str(conf.get("egress_network", "bridge"))
         self.interval = mngr.parse_duration(ctx.setting("watch_interval", 10))
 
     # Calling docker -------------------------------------------------------
@@ -283,7 +286,19 @@ class DockerProvider:
     # Creating ---------------------------------------------------------------
 
     def plan_agent(self, args, name) -> DockerPlan:
-        name, agent_type, command, env = mngr.agent_basics(self.ctx, args, name, programs_here=False)
+        name, agent_type, command, env, permissions = mngr.agent_basics(self.ctx, args, name,
+                                                                        programs_here=False)
+        mounts = []
+        for item in args.mount:
+            parts = item.split(":")
+            if len(parts) not in (2, 3) or not parts[0].startswith("/") or not parts[1].startswith("/") \
+                    or (len(parts) == 3 and parts[2] != "ro"):
+                raise mngr.UsageError(f"bad --mount {item!r}", "use /host/path:/container/path[:ro]")
+            read_only = len(parts) == 3
+            if not mngr.mount_allowed(permissions, parts[0], read_only):
+                raise mngr.RefusedError(f"--mount {item} needs a grant",
+                                        f"add --grant fs:mount:{parts[0]}" + (":ro" if read_only else ""))
+            mounts.append(item)
         source = Path(args.source or self.ctx.cwd).resolve()
         if not source.is_dir():
             raise mngr.UsageError(f"source dir {source} does not exist", "give an existing --source DIR")
@@ -296,7 +311,8 @@ class DockerProvider:
         if args.dockerfile and not Path(args.dockerfile).is_file():
             raise mngr.UsageError(f"no Dockerfile at {args.dockerfile}")
         mngr.apply_policy_flags(self.default_policy(), args)
-        return DockerPlan(name, agent_type, command, env, source, tuple(args.exclude), args)
+        return DockerPlan(name, agent_type, command, env, source, tuple(args.exclude), args,
+                          permissions, tuple(mounts))
 
     def create_agent(self, plan: DockerPlan, host=None):
         args = plan.args
@@ -314,7 +330,7 @@ class DockerProvider:
         policy = mngr.apply_policy_flags(self.default_policy(), args)
         record = mngr.HostRecord(id=host_id, name=plan.name, provider=self.name,
                                  lifecycle=mngr.Lifecycle("building" if building else "starting", now),
-                                 policy=policy, created_at=now)
+                                 policy=policy, created_at=now, permissions=plan.permissions)
         self.ctx.hook("on_before_host_create", mngr.host_info(record, self.name))
         store.host_dir.skeleton()
         store.write_host(record)
@@ -339,7 +355,7 @@ class DockerProvider:
             record = replace(record, agents=(agent.id,),
                              version=store.next_version(host_id, record.version))
             store.write_host(record)
-            container = self._create_container(record, image, args)
+            container = self._create_container(record, image, args, plan.mounts)
             self._cp_in(container, self._files(store, skeleton=True), work=plan)
             self.docker("start", container)
             # the host exists now: a plugin failing here leaves it failed, not invisible
@@ -373,7 +389,8 @@ class DockerProvider:
             id=mngr.new_id(), name=plan.name, host_id=host_id, agent_type=plan.agent_type,
             command=plan.command, session=self.ctx.prefix + plan.name,
             work_dir=f"{WORK_ROOT}/{plan.name}", work_mode="copy", source_dir=str(plan.source_dir),
-            start_on_boot=bool(plan.args.start_on_boot), created_at=now)
+            start_on_boot=bool(plan.args.start_on_boot), created_at=now,
+            permissions=plan.permissions)
 
     def _add_agent(self, plan: DockerPlan, host):
         if not host.facts.get("running"):
@@ -382,6 +399,14 @@ class DockerProvider:
                                     if host.agents else "start it first")
         if any(a.record.name == plan.name for a in host.agents):
             raise mngr.RefusedError(f"host {host.name} already has an agent named {plan.name}")
+        if plan.mounts:
+            raise mngr.RefusedError("--mount applies when a host is made", "make a new host for it")
+        union = mngr.permission_union([host.record.permissions, plan.permissions])
+        mngr.widening(host.name, host.record.permissions, bool(host.agents), union,
+                      plan.args.allow_widen)
+        if mngr.grants(union, "net", "egress") and not mngr.grants(host.record.permissions, "net", "egress"):
+            mngr.warn(f"{host.name} gets a network only when its container is re-made "
+                      "(snapshot create, then start --snapshot)")
         store = self.store(host.record.id)
         container = host.facts["id"]
         agent = self._agent_record(plan, host.record.id, time.time())
@@ -390,7 +415,7 @@ class DockerProvider:
         store.write_agent(agent)
         mngr.atomic_write(store.host_dir.agent_dir(agent.id) / "env",
                           mngr.format_env_file(plan.env), mode=0o600)
-        record = replace(host.record, agents=host.record.agents + (agent.id,),
+        record = replace(host.record, agents=host.record.agents + (agent.id,), permissions=union,
                          policy=mngr.apply_policy_flags(host.record.policy, plan.args),
                          version=store.next_version(host.record.id, host.record.version))
         store.write_host(record)
@@ -441,12 +466,15 @@ class DockerProvider:
                                     "build or load it, or pass --pull to let docker pull it")
         self.docker("pull", image, timeout=1800)
 
-    def _create_container(self, record: mngr.HostRecord, image: str, args) -> str:
+    def _create_container(self, record: mngr.HostRecord, image: str, args, mounts=()) -> str:
         labels = {"host-id": record.id, "host-name": record.name, "provider": self.name,
                   "created-at": str(int(record.created_at)), "version": mngr.__version__}
         argv = ["create", "--pull", "missing" if getattr(args, "pull", False) else "never",
                 "--name", f"mngr-{record.name}", "--hostname", record.name,
-                "--network", self.network, "-e", f"{mngr.ENV_HOST_DIR}={HOST_DIR}"]
+                "--network", self.egress_network if mngr.grants(record.permissions, "net", "egress")
+                else "none", "-e", f"{mngr.ENV_HOST_DIR}={HOST_DIR}"]
+        for mount in mounts:
+            argv += ["-v", mount]
         for key, value in labels.items():
             argv += ["--label", f"{LABEL}.{key}={value}"]
         for key, value in sorted((self.conf.get("labels") or {}).items()):
@@ -586,6 +614,10 @@ class DockerProvider:
                 raise
             record = self._started(container, store, record, [view.record.id])
         return self._fresh_view(record, container, view.record)
+
+    def restart_agent(self, view):
+        """With its records re-sent: a changed env or permission set takes effect."""
+        return self.start_agent(view)
 
     def stop_agent(self, view, snapshot_mode: str = "auto") -> None:
         container = self._container(view)
@@ -769,7 +801,9 @@ class DockerProvider:
             return
         if host.facts.get("running"):
             self.tmux(host.facts["id"]).kill(view.record.session)
-        record = replace(record, agents=remaining, version=store.next_version(record.id, record.version))
+        kept = [store.read_agent(a)[0] for a in remaining]
+        record = replace(record, agents=remaining, version=store.next_version(record.id, record.version),
+                         permissions=mngr.permission_union([a.permissions for a in kept if a]))
         store.write_host(record)
         store.versions.save()
         shutil.rmtree(store.host_dir.agent_dir(view.record.id), ignore_errors=True)
@@ -797,6 +831,12 @@ class DockerProvider:
         store = self.store(view.host.record.id)
         agent, _ = store.read_agent(view.record.id)
         store.write_agent(replace(agent, version=store.next_version(agent.id, agent.version), **changes))
+        if "permissions" in changes:
+            host, _ = store.read_host()
+            agents = [store.read_agent(a)[0] for a in host.agents]
+            store.write_host(replace(host, version=store.next_version(host.id, host.version),
+                                     permissions=mngr.permission_union(
+                                         [a.permissions for a in agents if a])))
         store.versions.save()
         if view.host.facts.get("exists"):
             self._push(view.host, store)

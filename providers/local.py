@@ -33,6 +33,7 @@ class AgentPlan:
     env: dict
     start_on_boot: bool = False
     args: object = None
+    permissions: tuple = ()
 
 
 class LocalProvider:
@@ -134,11 +135,11 @@ class LocalProvider:
 
     def plan_agent(self, args, name) -> AgentPlan:
         for flag in ("image", "dockerfile", "build_arg", "start_arg", "cpus", "memory", "pull",
-                     "exclude", "snapshot"):
+                     "exclude", "snapshot", "mount"):
             if getattr(args, flag):
                 raise mngr.UsageError(f"--{flag.replace('_', '-')} is for container hosts, "
                                       "not the local host", "use --in docker, or drop it")
-        name, agent_type, command, env = mngr.agent_basics(self.ctx, args, name)
+        name, agent_type, command, env, permissions = mngr.agent_basics(self.ctx, args, name)
         source = Path(args.source or self.ctx.cwd).resolve()
         if not source.is_dir():
             raise mngr.UsageError(f"source dir {source} does not exist", "give an existing --source DIR")
@@ -171,7 +172,7 @@ class LocalProvider:
             raise mngr.RefusedError(f"target {target} already exists", "give a new --target DIR")
         mngr.apply_policy_flags(self.default_policy(), args)  # refuse bad policy flags now
         return AgentPlan(name, agent_type, command, mode, source, target, branch, base, env,
-                         bool(args.start_on_boot), args)
+                         bool(args.start_on_boot), args, permissions)
 
     def create_agent(self, plan: AgentPlan, host=None):
         mngr.run(["tmux", "-V"], what="tmux")  # fail early and clearly when tmux is missing
@@ -190,6 +191,9 @@ class LocalProvider:
                     if other is not None and other.name == plan.name:
                         raise mngr.RefusedError(f"an agent named {plan.name} already exists",
                                                 "pick another name, or destroy it first")
+                union = mngr.permission_union([host.permissions, plan.permissions])
+                mngr.widening(host.name, host.permissions, bool(host.agents), union,
+                              plan.args.allow_widen)
                 agent_id = mngr.new_id()
                 info = mngr.HostInfo(host.id, host.name, self.name, host.lifecycle.state)
                 self.ctx.hook("on_before_agent_create", mngr.AgentInfo(
@@ -205,9 +209,9 @@ class LocalProvider:
                     command=plan.command, session=self.ctx.prefix + plan.name,
                     work_dir=str(work_dir), work_mode=plan.work_mode, branch=plan.branch,
                     source_dir=str(plan.source_dir), start_on_boot=plan.start_on_boot,
-                    created_at=now)
+                    created_at=now, permissions=plan.permissions)
                 store.write_agent(record)
-                new_host = replace(host, agents=host.agents + (agent_id,),
+                new_host = replace(host, agents=host.agents + (agent_id,), permissions=union,
                                    version=store.next_version(host.id, host.version))
                 store.write_host(new_host)
                 undo.append(lambda: self._forget_agent(agent_id))
@@ -442,9 +446,15 @@ class LocalProvider:
         store = self.store()
         host, _ = store.read_host()
         if host is not None and agent_id in host.agents:
-            store.write_host(replace(host, agents=tuple(a for a in host.agents if a != agent_id),
-                                     version=store.next_version(host.id, host.version)))
+            self._write_host(store, host, tuple(a for a in host.agents if a != agent_id))
         store.versions.save()
+
+    def _write_host(self, store, host, agents) -> None:
+        """The host record with these agents, its permissions their union, re-signed."""
+        records = [store.read_agent(a)[0] for a in agents]
+        union = mngr.permission_union([r.permissions for r in records if r is not None])
+        store.write_host(replace(host, agents=agents, permissions=union,
+                                 version=store.next_version(host.id, host.version)))
 
     # Hosts and keys --------------------------------------------------------
 
@@ -484,7 +494,14 @@ class LocalProvider:
                                               f"({check.reason})")
             store.write_agent(replace(record, version=store.next_version(record.id, record.version),
                                       **changes))
+            if "permissions" in changes:
+                host, _ = store.read_host()
+                self._write_host(store, host, host.agents)
             store.versions.save()
+
+    def restart_agent(self, view):
+        self.tmux.kill(view.record.session)
+        return self.start_agent(replace(view, state="stopped"))
 
     def resign(self, keyring) -> int:
         """Re-sign the local records with the newest key; returns how many."""

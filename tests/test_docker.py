@@ -34,12 +34,16 @@ def engine():
 
 @pytest.fixture
 def dk(mngr_cli, engine):
-    """The CLI with a docker provider instance of its own."""
+    """The CLI with a docker provider instance of its own. Its "egress" network is an
+    internal one this fixture makes: a network, with no route anywhere."""
     name = f"dk{os.getpid()}{mngr_cli.socket[-6:]}".replace("-", "")
+    network = docker("network", "create", "--internal", "--label", "com.imbue.mngr.test=1",
+                     f"{name}-internal").stdout.strip()
     config = mngr_cli.home / ".config" / "mngr"
     config.mkdir(parents=True)
     (config / "settings.toml").write_text(
         f"watch_interval = {INTERVAL}\n[providers.{name}]\nbackend = \"docker\"\nimage = \"{IMAGE}\"\n"
+        f"egress_network = \"{name}-internal\"\n"
         f"labels = {{ \"com.imbue.mngr.test\" = \"1\" }}\n")
     mngr_cli.provider = name
     yield mngr_cli
@@ -52,6 +56,7 @@ def dk(mngr_cli, engine):
                      f"label=com.imbue.mngr.build-provider={name}").stdout.split()
     if images:
         docker("rmi", "-f", *set(images), check=False)
+    docker("network", "rm", network, check=False)
 
 
 def rows(cli):
@@ -253,3 +258,43 @@ def test_plugin_hooks_on_docker_and_a_failing_after_host_create(dk, tmp_path):
     assert rows(dk)["doomed"]["host_state"] == "failed"  # the host exists: shown, never hidden
     dk.ok("destroy", "-f", "doomed")
     assert container(dk, "doomed") is None
+
+
+def test_network_only_with_net_egress(dk):
+    dk.ok("create", "closed", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect")
+    cid = container(dk, "closed")
+    assert docker("exec", cid, "ls", "/sys/class/net").stdout.split() == ["lo"]
+    assert json.loads(docker("inspect", cid).stdout)[0]["HostConfig"]["NetworkMode"] == "none"
+    dk.ok("create", "open", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect",
+          "--grant", "net:egress")
+    cid = container(dk, "open")
+    assert json.loads(docker("inspect", cid).stdout)[0]["HostConfig"]["NetworkMode"] != "none"
+    assert "eth0" in docker("exec", cid, "ls", "/sys/class/net").stdout.split()
+    row = rows(dk)["open"]
+    assert row["permissions"] == ["net:egress"] and row["host_permissions"] == ["net:egress"]
+
+
+def test_env_reaches_a_container_only_with_its_grant(dk):
+    result = dk("create", "secret", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect",
+                "--env", "TOKEN=abc")
+    assert result.code == 1 and "env TOKEN needs a grant" in result.err
+    assert "--grant env:TOKEN" in result.err and container(dk, "secret") is None
+    dk.ok("create", "secret", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect",
+          "--env", "TOKEN=abc", "--grant", "env:TOKEN")
+    assert dk.ok("exec", "secret", "--", "tmux -L mngr show-environment -t =mngr-secret TOKEN"
+                 ).out.strip() == "TOKEN=abc"
+
+
+def test_bind_mounts_only_with_an_fs_grant(dk, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "data.txt").write_text("from the host")
+    refused = dk("create", "m", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect",
+                 "--mount", f"{shared}:/data:ro")
+    assert refused.code == 1 and f"--grant fs:mount:{shared}:ro" in refused.err
+    assert container(dk, "m") is None
+    dk.ok("create", "m", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect",
+          "--mount", f"{shared}:/data:ro", "--grant", f"fs:mount:{shared}:ro")
+    assert dk.ok("exec", "m", "--", "cat /data/data.txt").out == "from the host"
+    snap = dk("snapshot", "create", "m")
+    assert snap.code == 0 and "not in a snapshot: /data" in snap.err
