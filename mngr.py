@@ -559,14 +559,14 @@ def signature_for(secret: bytes, payload: dict) -> str:
     return hmac.new(secret, SIGNATURE_DOMAIN + canonical_json(payload), hashlib.sha256).hexdigest()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SigningKey:
     id: str
     secret: bytes
     created_at: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Keyring:
     """Every key verifies; the newest (last) signs. Keys never enter a host."""
 
@@ -897,7 +897,7 @@ def resign_host(old: Store, new: Store, host: HostRecord) -> int:
 # Tmux agents ###############################################################
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PaneInfo:
     """Pane 0.0 of an agent's session, as tmux reports it."""
 
@@ -910,7 +910,7 @@ class PaneInfo:
     client_activity: float | None = None    # last input from an attached client
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AgentView:
     """An agent as seen now: its record plus its observed (reported) state."""
 
@@ -922,7 +922,7 @@ class AgentView:
     attached: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class HostView:
     """A host as collected from its provider, with its agents."""
 
@@ -1913,28 +1913,28 @@ ALL_HOOKS = tuple(h for names in HOOKS.values() for h in names)
 
 # What hooks are given: plain dataclasses (README, "Plugins").
 
-@dataclass
+@dataclass(eq=False)
 class CommandCall:
     """on_before_command may change args, or raise RefusedError to refuse the command."""
     command: str
     args: object
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CommandOutcome:
     command: str
     exit_code: int
     error: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PermissionRequest:
     """on_validate_permissions: the permissions asked for, before anything is made."""
     agent: str
     permissions: tuple = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class HostInfo:
     id: str
     name: str
@@ -1942,14 +1942,14 @@ class HostInfo:
     state: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StateChange:
     host: HostInfo
     old: str
     new: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AgentInfo:
     id: str
     name: str
@@ -2046,7 +2046,7 @@ def widening(host_name: str, union, has_agents: bool, new_union, allow: bool) ->
                            "pass --allow-widen to accept")
 
 
-@dataclass
+@dataclass(eq=False)
 class Plugin:
     name: str
     group: str
