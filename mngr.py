@@ -67,7 +67,9 @@ class MngrError(Exception):
         self.detail = detail
 
     def line(self) -> str:
-        return f"{self.message} ({self.hint})" if self.hint else self.message
+        """One line, whatever the values in it: control characters are escaped."""
+        text = f"{self.message} ({self.hint})" if self.hint else self.message
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class UsageError(MngrError):
@@ -536,7 +538,7 @@ def last_activity(obs: Observation, policy: IdlePolicy, now: float,
                 last = stamp
     if "boot" in sources and obs.certified_boot_time is not None and obs.certified_boot_time > last:
         last = obs.certified_boot_time
-    if "process" in sources and obs.process_alive:
+    if "process" in sources and obs.process_alive and believe_reported:
         return now
     if believe_reported:
         for source, stamp in obs.reported:
@@ -2250,7 +2252,10 @@ class Context:
 
     @property
     def prefix(self) -> str:
-        return self.env.get(ENV_PREFIX) or self.setting("prefix") or DEFAULT_PREFIX
+        prefix = self.env.get(ENV_PREFIX) or self.setting("prefix") or DEFAULT_PREFIX
+        if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", prefix):
+            raise ConfigError(f"bad session prefix {prefix!r}", "use letters, digits, - and _")
+        return prefix
 
     @property
     def tmux_socket(self) -> str:
@@ -2341,6 +2346,10 @@ class Context:
             match = [a for a in agents if name in (a.record.name, a.record.id)]
             if not match:
                 missing.append(name)
+            elif len(match) > 1:
+                raise UsageError(f"{name} names agents on several hosts: "
+                                 + ", ".join(f"{a.record.id} on {a.host.name}" for a in match),
+                                 "use the agent's id")
             else:
                 chosen.extend(match)
         if missing:
@@ -2977,6 +2986,15 @@ def cmd_list(args, ctx) -> int:
     return EXIT_OK
 
 
+def require_record(host) -> HostRecord:
+    """A host's verified record, or a refusal: nothing is re-signed on top of a tampered one."""
+    if host.record is None:
+        raise TamperedStateError(f"host {host.name}'s record fails verification "
+                                 f"({host.verification.reason})",
+                                 "mngr enforce stops it; inspect its data.json")
+    return host.record
+
+
 def change_permissions(ctx, args, agents) -> list:
     """limit --grant/--revoke: check everything first, then re-sign and restart."""
     grant = validate_permissions(ctx, args.grant) if args.grant else ()
@@ -2989,6 +3007,7 @@ def change_permissions(ctx, args, agents) -> list:
                              "revoke exactly what was granted: see mngr list --json")
         new = tuple(sorted((current | set(grant)) - set(args.revoke)))
         host = agent.host
+        require_record(host)
         others = [a.record.permissions for a in host.agents if a.record.id != agent.record.id]
         widening(host.name, host.record.permissions, bool(others), permission_union(others + [new]),
                  args.allow_widen)
@@ -3178,8 +3197,13 @@ def enforce_host(args, host, audit) -> dict:
             else:
                 getattr(provider, ENFORCE_ACTIONS[again.action])(fresh)
                 row["result"] = "done"
+    except PluginError:
+        raise
     except MngrError as exc:
         row.update(result="error", error=exc.line(), unreachable=exc.exit_code == EXIT_UNREACHABLE)
+    except Exception as exc:  # a bug must not stop the backstop from checking the other hosts
+        row.update(result="error", error=f"internal error: {type(exc).__name__}: {exc}",
+                   detail=_traceback(exc))
     _audit(audit, row, args.dry_run)
     return row
 
@@ -3359,6 +3383,7 @@ def cmd_destroy(args, ctx) -> int:
             return EXIT_ERROR
 
     def destroy(agent):
+        require_record(agent.host)
         agent.host.provider.destroy_agent(agent, remove_work=args.remove_branch,
                                                 discard_changes=args.discard_changes)
         return "destroyed"

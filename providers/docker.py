@@ -12,6 +12,7 @@ container, and one `docker exec` per running host, in parallel.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import io
 import json
@@ -72,13 +73,15 @@ class DockerProvider:
 
     # Calling docker -------------------------------------------------------
 
-    def docker(self, *args, timeout=mngr.SUBPROCESS_TIMEOUT, check=True, input=None):
+    def docker(self, *args, timeout=mngr.SUBPROCESS_TIMEOUT, check=True, input=None,
+               engine_stderr=True):
         """One docker call; an unreachable engine is exit 75 with a clear message,
-        whether or not the caller checks the exit code."""
+        whether or not the caller checks the exit code. engine_stderr=False: the
+        stderr is a host's (docker exec), which must not pass for the engine's."""
         result = mngr.run(["docker", *args], env=self.env, timeout=timeout, check=False,
                           input=input, what=f"docker {args[0]}")
         if result.returncode != 0:
-            if any(text in result.stderr for text in UNREACHABLE):
+            if engine_stderr and any(text in result.stderr for text in UNREACHABLE):
                 raise self._unreachable()
             if check:
                 tail = (result.stderr.strip().splitlines() or [""])[-1]
@@ -95,7 +98,7 @@ class DockerProvider:
     def _exec(self, container: str, *argv, timeout=mngr.SUBPROCESS_TIMEOUT, check=True, input=None):
         flags = ["-i"] if input is not None else []
         return self.docker("exec", *flags, "-e", f"{mngr.ENV_HOST_DIR}={HOST_DIR}", container,
-                           *argv, timeout=timeout, check=check, input=input)
+                           *argv, timeout=timeout, check=check, input=input, engine_stderr=False)
 
     def _mngr(self, container: str, *argv, **kwargs):
         return self._exec(container, "python3", "-I", "-S", f"{HOST_DIR}/bin/mngr.py", *argv, **kwargs)
@@ -141,13 +144,14 @@ class DockerProvider:
         host is marked failed, with a version above anything the host may have kept."""
         running = self._set_state(store, record, "running", write=False)
         try:
-            self._deploy(container, store, start=start, host_record=running)
+            self._deploy(container, store, start=start, records=[running])
         except BaseException:
             failed = replace(record, lifecycle=mngr.transition(record.lifecycle, "failed", time.time()),
                              version=running.version + 1)
             store.write_host(failed)
             store.versions.save()
             self.ctx.state_changed(record, failed, self.name)
+            self.docker("kill", container, check=False)  # failed: not left running
             raise
         self.ctx.state_changed(record, running, self.name)
         return running
@@ -176,16 +180,18 @@ class DockerProvider:
         return hosts
 
     def _report(self, container_id: str):
+        """What a running host says about itself, shape-checked; {"error": ...} otherwise.
+        A host that will not report is not "unreachable": it may be hiding (fail closed)."""
         try:
             result = self._mngr(container_id, "host-report", "--tmux-socket", SOCKET, check=False)
         except mngr.MngrError as exc:
             return {"error": exc.line()}
         if result.returncode != 0:
-            return {"error": (result.stderr.strip().splitlines() or ["host-report failed"])[-1]}
+            return {"error": (result.stderr.strip().splitlines() or ["host-report failed"])[-1][:200]}
         try:
-            return json.loads(result.stdout)
-        except ValueError:
-            return {"error": "host-report printed something that is not JSON"}
+            return _clean_report(json.loads(result.stdout))
+        except (ValueError, TypeError) as exc:
+            return {"error": f"malformed: {exc}"[:200]}
 
     @staticmethod
     def _facts(container) -> dict:
@@ -206,8 +212,9 @@ class DockerProvider:
                 agents.append((agent, check))
         verification = mngr.Verification(True)
         host = mngr.HostView(self, record, verification, facts=facts)
-        if report and "error" in report:
-            host.reachable, host.error = False, report["error"]
+        if report and "error" in report:  # a running host that will not say: treat as tampered
+            host.problems.append(f"host report: {report['error']}")
+            report = None
         elif report:
             host.verification = mngr.verify_document(
                 report.get("document"), self.ctx.keyring, "host", record.id,
@@ -412,16 +419,17 @@ class DockerProvider:
         agent = self._agent_record(plan, host.record.id, time.time())
         info = mngr.host_info(host.record, self.name)
         self.ctx.hook("on_before_agent_create", mngr.agent_info(agent, info))
-        store.write_agent(agent)
         mngr.atomic_write(store.host_dir.agent_dir(agent.id) / "env",
                           mngr.format_env_file(plan.env), mode=0o600)
         record = replace(host.record, agents=host.record.agents + (agent.id,), permissions=union,
                          policy=mngr.apply_policy_flags(host.record.policy, plan.args),
                          version=store.next_version(host.record.id, host.record.version))
-        store.write_host(record)
         self._cp_in(container, {}, work=plan)
-        self._deploy(container, store, start=[agent.id])
-        store.versions.save()
+        try:  # the host gets the records first; the controller keeps them once it has
+            self._deploy(container, store, start=[agent.id], records=[agent, record])
+        except BaseException:
+            shutil.rmtree(store.host_dir.agent_dir(agent.id), ignore_errors=True)
+            raise
         view = self._fresh_view(record, container, agent)
         self.ctx.hook("on_after_agent_create", mngr.agent_info(agent, info, view.state))
         return view
@@ -505,24 +513,35 @@ class DockerProvider:
             raise mngr.CommandFailedError(f"docker create failed: {tail}", detail=result.stderr)
         return result.stdout.strip()
 
-    def _files(self, store: mngr.Store, skeleton: bool = False, host_record=None) -> dict:
-        """The controller's signed records (and, for a new host, mngr.py and env),
-        as {path in the host dir: bytes}; host_record: sign and send this one instead."""
+    def _files(self, store: mngr.Store, skeleton: bool = False, records=()) -> dict:
+        """The controller's signed records (and, for a new host, mngr.py and env), as
+        {path in the host dir: bytes}; records: new versions to sign and send instead."""
         root = store.host_dir
-        if host_record is not None:
-            files = {"data.json": (json.dumps(mngr.sign_payload(store.keyring, host_record.to_dict()),
-                                              indent=2, sort_keys=True) + "\n").encode()}
-        else:
-            files = {"data.json": root.data.read_bytes()}
-        for agent_id in _record_agents(root):
+        files = {"data.json": root.data.read_bytes()}
+        host = next((r for r in records if isinstance(r, mngr.HostRecord)), None)
+        agent_ids = list(host.agents) if host else _record_agents(root)
+        for agent_id in agent_ids:
             for name in ("data.json", "env"):
                 path = root.agent_dir(agent_id) / name
                 if path.exists():
                     files[f"agents/{agent_id}/{name}"] = path.read_bytes()
+        for record in records:
+            rel = "data.json" if isinstance(record, mngr.HostRecord) else f"agents/{record.id}/data.json"
+            files[rel] = (json.dumps(mngr.sign_payload(store.keyring, record.to_dict()), indent=2,
+                                     sort_keys=True) + "\n").encode()
         if skeleton:
             files["bin/mngr.py"] = Path(mngr.__file__).resolve().read_bytes()
             files["env"] = root.env.read_bytes() if root.env.exists() else b""
         return files
+
+    def _keep(self, store: mngr.Store, records) -> None:
+        """Records the host now has become the controller's truth (never before)."""
+        for record in records:
+            if isinstance(record, mngr.HostRecord):
+                store.write_host(record)
+            else:
+                store.write_agent(record)
+        store.versions.save()
 
     def _cp_in(self, container: str, files: dict, work=None) -> None:
         """Files for the host dir, and a plan's work dir, in one tar stream through docker cp
@@ -556,13 +575,13 @@ class DockerProvider:
                 tar.add(work.source_dir, arcname=f"{WORK_ROOT.strip('/')}/{work.name}", filter=keep)
         self.docker("cp", "-", f"{container}:/", input=stream.getvalue(), timeout=600)
 
-    def _deploy(self, container: str, store: mngr.Store, start=(), host_record=None) -> None:
+    def _deploy(self, container: str, store: mngr.Store, start=(), records=()) -> None:
         """One exec into a running host: write the signed records atomically (the watcher
         and enforce may be reading them) and start agents. A PID 1 that has exited is
         explained by its sentinel code."""
         stream = io.BytesIO()
         with tarfile.open(fileobj=stream, mode="w") as tar:
-            for rel, content in self._files(store, host_record=host_record).items():
+            for rel, content in self._files(store, records=records).items():
                 info = tarfile.TarInfo(rel)
                 info.size, info.mtime = len(content), time.time()
                 info.mode = 0o600 if rel.endswith("env") else 0o644
@@ -572,9 +591,7 @@ class DockerProvider:
             argv += ["--start", agent_id]
         result = self._mngr(container, *argv, input=stream.getvalue(), check=False, timeout=60)
         if result.returncode == 0:
-            if host_record is not None:  # it is in the host: now it is the controller's truth
-                store.write_host(host_record)
-                store.versions.save()
+            self._keep(store, records)
             return
         state = json.loads(self.docker("inspect", "-f", "{{json .State}}", container).stdout)
         if not state["Running"]:
@@ -605,6 +622,8 @@ class DockerProvider:
             record = view.host.record
         else:  # boot the host; the watcher comes back with PID 1
             record, _ = store.read_host()
+            if record.lifecycle.state == "stopping":  # a stop that never finished: it has now
+                record = self._set_state(store, record, "stopped")
             record = self._set_state(store, record, "starting")
             self._cp_in(container, self._files(store))
             try:
@@ -643,11 +662,29 @@ class DockerProvider:
             return
         store = self.store(host.record.id)
         record, _ = store.read_host()
+        if record.lifecycle.state == "failed":  # stays failed; just not running
+            self.docker(*argv, host.facts["id"], timeout=STOP_TIMEOUT + 30)
+            return
         if record.lifecycle.state == "running":
             record = self._set_state(store, record, "stopping")
-        self.docker(*argv, host.facts["id"], timeout=STOP_TIMEOUT + 30)
-        self._set_state(store, record, "stopped")
+        try:
+            self.docker(*argv, host.facts["id"], timeout=STOP_TIMEOUT + 30)
+        except mngr.MngrError:
+            if self._running(host.facts["id"]):
+                raise  # still stopping: enforce's stopping timeout forces it later
+        record = self._set_state(store, record, "stopped")
         self._cp_in(host.facts["id"], self._files(store))
+
+    def _running(self, container: str) -> bool:
+        state = self.docker("inspect", "-f", "{{.State.Running}}", container, check=False)
+        return state.stdout.strip() == "true"
+
+    def mark_failed(self, host) -> None:
+        store = self.store(host.record.id)
+        record, _ = store.read_host()
+        if host.facts.get("exists"):
+            self.docker("kill", host.facts["id"], check=False)
+        self._set_state(store, record, "failed")
 
     # Snapshots ------------------------------------------------------------------
 
@@ -728,11 +765,6 @@ class DockerProvider:
         record = self._started(container, store, record, [view.record.id])
         return self._fresh_view(record, container, view.record)
 
-    def mark_failed(self, host) -> None:
-        store = self.store(host.record.id)
-        record, _ = store.read_host()
-        self._set_state(store, record, "failed")
-
     def send_message(self, view, text: str) -> None:
         self.tmux(self._container(view)).send(view.record.session, text)
 
@@ -744,9 +776,13 @@ class DockerProvider:
                            "-"], env=self.env, check=False, text=False, what="docker cp")
         if result.returncode != 0:
             return ""
-        with tarfile.open(fileobj=io.BytesIO(result.stdout)) as tar:
-            member = tar.extractfile(tar.getmembers()[0])
-            text = member.read().decode(errors="replace") if member else ""
+        try:  # the host wrote it: a regular file's last bytes, nothing else
+            with tarfile.open(fileobj=io.BytesIO(result.stdout)) as tar:
+                member = next((m for m in tar.getmembers() if m.isfile()), None)
+                data = tar.extractfile(member).read()[-lines * 400:] if member else b""
+        except tarfile.TarError:
+            data = b""
+        text = data.decode(errors="replace")
         return "\n".join(text.splitlines()[-lines:]) + "\n"
 
     def exec_in(self, view, shell_command: str, timeout) -> int:
@@ -804,42 +840,39 @@ class DockerProvider:
         kept = [store.read_agent(a)[0] for a in remaining]
         record = replace(record, agents=remaining, version=store.next_version(record.id, record.version),
                          permissions=mngr.permission_union([a.permissions for a in kept if a]))
-        store.write_host(record)
-        store.versions.save()
+        self._push(host, store, [record])
         shutil.rmtree(store.host_dir.agent_dir(view.record.id), ignore_errors=True)
-        if host.facts.get("exists"):
-            self._push(host, store)
         self.ctx.hook("on_after_agent_destroy", agent)
 
-    def _push(self, host, store) -> None:
-        """The records into the host: atomically when it runs, by docker cp when not."""
-        if host.facts.get("running"):
-            self._deploy(host.facts["id"], store)
+    def _push(self, host, store, records=()) -> None:
+        """New records into the host (atomically when it runs, by docker cp when not),
+        then, and only then, on the controller: a failure leaves both as they were."""
+        if not host.facts.get("exists"):
+            self._keep(store, records)
+        elif host.facts.get("running"):
+            self._deploy(host.facts["id"], store, records=records)
         else:
-            self._cp_in(host.facts["id"], self._files(store))
+            self._cp_in(host.facts["id"], self._files(store, records=records))
+            self._keep(store, records)
 
     def update_policy(self, host, policy: mngr.IdlePolicy) -> None:
         store = self.store(host.record.id)
         record, _ = store.read_host()
-        store.write_host(replace(record, policy=policy,
-                                 version=store.next_version(record.id, record.version)))
-        store.versions.save()
-        if host.facts.get("exists"):
-            self._push(host, store)
+        self._push(host, store, [replace(record, policy=policy,
+                                         version=store.next_version(record.id, record.version))])
 
     def update_agent(self, view, **changes) -> None:
         store = self.store(view.host.record.id)
         agent, _ = store.read_agent(view.record.id)
-        store.write_agent(replace(agent, version=store.next_version(agent.id, agent.version), **changes))
+        agent = replace(agent, version=store.next_version(agent.id, agent.version), **changes)
+        records = [agent]
         if "permissions" in changes:
             host, _ = store.read_host()
-            agents = [store.read_agent(a)[0] for a in host.agents]
-            store.write_host(replace(host, version=store.next_version(host.id, host.version),
-                                     permissions=mngr.permission_union(
-                                         [a.permissions for a in agents if a])))
-        store.versions.save()
-        if view.host.facts.get("exists"):
-            self._push(view.host, store)
+            others = [store.read_agent(a)[0] for a in host.agents if a != agent.id]
+            records.append(replace(host, version=store.next_version(host.id, host.version),
+                                   permissions=mngr.permission_union(
+                                       [a.permissions for a in others if a] + [agent.permissions])))
+        self._push(view.host, store, records)
 
     def resign(self, keyring) -> int:
         """Re-sign the controller's records with the newest key, and send them in."""
@@ -858,6 +891,53 @@ class _NoArgs:
 
     cpus = memory = None
     start_arg = ()
+
+
+def _number(value, where: str):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where} is not a number")
+    return float(value)
+
+
+def _clean_report(raw) -> dict:
+    """A host-report as the controller will read it, every field checked; TypeError when
+    anything is not of its shape (the host wrote it: it may be anything)."""
+    if not isinstance(raw, dict):
+        raise TypeError("not an object")
+    report = {"document": raw.get("document"), "agents": {}, "panes": {}, "activity": {},
+              "deploy_lock_since": _number(raw.get("deploy_lock_since"), "deploy_lock_since"),
+              "ssh_open": raw.get("ssh_open") is True}
+    agents, panes, activity = raw.get("agents") or {}, raw.get("panes") or {}, raw.get("activity") or {}
+    if not all(isinstance(x, dict) for x in (agents, panes, activity)):
+        raise TypeError("agents, panes and activity must be objects")
+    for agent_id, seen in agents.items():
+        if not isinstance(seen, dict) or not isinstance(seen.get("status") or {}, dict):
+            raise TypeError(f"agent {agent_id!r} is not an object")
+        status = seen.get("status") or {}
+        report["agents"][str(agent_id)] = {
+            "document": seen.get("document"),
+            "status": {"pane_pid": int(_number(status.get("pane_pid"), "pane_pid") or 0),
+                       "started_at": _number(status.get("started_at"), "started_at")},
+            "output_mtime": _number(seen.get("output_mtime"), "output_mtime")}
+    fields = {f.name for f in dataclasses.fields(mngr.PaneInfo)}
+    for session, pane in panes.items():
+        if pane is None:
+            report["panes"][str(session)] = None
+            continue
+        if not isinstance(pane, dict) or set(pane) != fields:
+            raise TypeError(f"pane {session!r} is not a pane")
+        report["panes"][str(session)] = {
+            "session": str(pane["session"]), "pane_pid": int(_number(pane["pane_pid"], "pane_pid") or 0),
+            "dead": pane["dead"] is True, "attached": pane["attached"] is True,
+            "dead_status": None if pane["dead_status"] is None
+            else int(_number(pane["dead_status"], "dead_status")),
+            "window_activity": _number(pane["window_activity"], "window_activity"),
+            "client_activity": _number(pane["client_activity"], "client_activity")}
+    for source in ("agent", "user", "ssh"):
+        report["activity"][source] = _number(activity.get(source), source)
+    return report
 
 
 def _dir_entry(name: str) -> tarfile.TarInfo:

@@ -298,3 +298,21 @@ def test_bind_mounts_only_with_an_fs_grant(dk, tmp_path):
     assert dk.ok("exec", "m", "--", "cat /data/data.txt").out == "from the host"
     snap = dk("snapshot", "create", "m")
     assert snap.code == 0 and "not in a snapshot: /data" in snap.err
+
+
+@pytest.mark.parametrize("sabotage", [
+    "print(5)",                                                  # not a report at all
+    "print('{\"panes\": {\"x\": \"y\"}, \"agents\": []}')",     # a report of the wrong shape
+    "import sys; sys.stderr.write('Cannot connect to the Docker daemon\\n'); sys.exit(1)",
+    "import time; time.sleep(3600)",                             # never answers
+])
+def test_a_host_that_breaks_its_own_report_is_stopped_not_excused(dk, sabotage):
+    dk.ok("create", "liar", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect",
+          "--idle-timeout", "1h")
+    cid = container(dk, "liar")
+    docker("exec", "-i", cid, "sh", "-c", "cat > /mngr/bin/mngr.py", input=sabotage + "\n")
+    result = dk("enforce", "--json", "--provider", dk.provider, timeout=120)
+    assert "Traceback" not in result.err and result.code == 0, result.err
+    row = json.loads(result.out)[0]
+    assert row["action"] == "stop" and "host report" in row["reason"], row
+    assert status(cid) == "exited"
