@@ -1022,8 +1022,11 @@ class Tmux:
         self.call("send-keys", "-t", target, "-l", text, ";", "send-keys", "-t", target, "Enter")
 
     def capture(self, session: str, lines: int) -> str:
-        return self.call("capture-pane", "-p", "-J", "-t", f"={session}:0.0",
+        """The last lines of the pane's output (scrollback and screen, blank tail dropped)."""
+        text = self.call("capture-pane", "-p", "-J", "-t", f"={session}:0.0",
                          "-S", str(-lines)).stdout
+        kept = text.rstrip("\n").splitlines()[-lines:]
+        return "\n".join(kept) + "\n" if kept else ""
 
     def attach_argv(self, session: str) -> list:
         return ["tmux", "-L", self.socket, "attach-session", "-t", f"={session}"]
