@@ -1473,12 +1473,28 @@ class HostInit:
 
 
 def deploy_here(host_dir: HostDir, tar_bytes: bytes, start, tmux: Tmux) -> int:
-    """The controller's one call into a running host: write each file of the tar
-    atomically under the host dir, then start the named agents."""
+    """The controller's one call into a running host: holding the deploy lock, write
+    each file of the tar atomically under the host dir, then start the named agents."""
+    root = host_dir.root.resolve()
+    stamp = host_dir.deploy_lock / f"deploy-{os.getpid()}"
+    try:  # hold the deploy lock: the watcher never stops a host mid-deploy
+        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileNotFoundError:
+        raise RefusedError("the host's idle watcher is stopping it right now",
+                           "try again in a few seconds") from None
+    try:
+        return _deploy_files_and_start(host_dir, root, tar_bytes, start, tmux)
+    finally:
+        try:
+            stamp.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _deploy_files_and_start(host_dir: HostDir, root: Path, tar_bytes: bytes, start, tmux) -> int:
     import io
     import tarfile
 
-    root = host_dir.root.resolve()
     with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
         for member in tar.getmembers():
             target = (root / member.name).resolve()

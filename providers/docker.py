@@ -552,7 +552,7 @@ class DockerProvider:
             if files:
                 dirs |= {"mngr"} | {f"mngr/{d}" for d in (
                     "activity", "agents", "bin", "events", "logs", "hooks", "hooks/boot",
-                    "hooks/post_services", "hooks/stop")}
+                    "hooks/post_services", "hooks/stop", "deploy_lock")}
             for rel in files:
                 parts = rel.split("/")[:-1]
                 dirs |= {"mngr/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)}

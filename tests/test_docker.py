@@ -316,3 +316,14 @@ def test_a_host_that_breaks_its_own_report_is_stopped_not_excused(dk, sabotage):
     row = json.loads(result.out)[0]
     assert row["action"] == "stop" and "host report" in row["reason"], row
     assert status(cid) == "exited"
+
+
+def test_a_deploy_into_a_host_being_stopped_is_refused(dk):
+    dk.ok("create", "locked", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect",
+          "--idle-timeout", "1h")
+    cid = container(dk, "locked")
+    docker("exec", cid, "rmdir", "/mngr/deploy_lock")  # what the watcher does as it stops a host
+    result = dk("limit", "locked", "--idle-timeout", "2h")
+    assert result.code == 1 and "watcher is stopping it" in result.err
+    assert rows(dk)["locked"]["verified"]  # nothing half-changed: host and controller agree
+    assert json.loads(dk.ok("enforce", "--json", "--provider", dk.provider).out)[0]["action"] == "none"
