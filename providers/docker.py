@@ -43,6 +43,25 @@ UNREACHABLE = ("Cannot connect to the Docker daemon", "error during connect",
                "Is the docker daemon running", "connection refused")
 
 
+def _one_at_a_time(method):
+    """Hold the host's lock (a file in its record dir) for the call: two mngr processes
+    never interleave read, sign and push on one host. Re-entrant within a process."""
+    import functools
+
+    @functools.wraps(method)
+    def locked(self, target, *args, **kwargs):
+        host = target.host if isinstance(target, mngr.AgentView) else target
+        if host.record is None or host.record.id in self._held:
+            return method(self, target, *args, **kwargs)
+        self._held.add(host.record.id)
+        try:
+            with mngr.FileLock(self.records_root / host.record.id / ".lock"):
+                return method(self, target, *args, **kwargs)
+        finally:
+            self._held.discard(host.record.id)
+    return locked
+
+
 @dataclass(frozen=True)
 class DockerPlan:
     name: str
@@ -70,6 +89,7 @@ class DockerProvider:
         # the network a host gets with net:egress; without it, none
         self.egress_network = str(conf.get("egress_network", "bridge"))
         self.interval = mngr.parse_duration(ctx.setting("watch_interval", 10))
+        self._held = set()
 
     # Calling docker -------------------------------------------------------
 
@@ -400,6 +420,12 @@ class DockerProvider:
             permissions=plan.permissions)
 
     def _add_agent(self, plan: DockerPlan, host):
+        return self._add_agent_locked(host, plan)
+
+    @_one_at_a_time
+    def _add_agent_locked(self, host, plan: DockerPlan):
+        fresh, _ = self.store(host.record.id).read_host()  # as it is now, under the lock
+        host.record = fresh or host.record
         if not host.facts.get("running"):
             raise mngr.RefusedError(f"host {host.name} is not running",
                                     f"start one of its agents first: mngr start {host.agents[0].record.name}"
@@ -613,6 +639,7 @@ class DockerProvider:
                                     if isinstance(view, mngr.AgentView) else "destroy it")
         return host.facts["id"]
 
+    @_one_at_a_time
     def start_agent(self, view):
         container = self._container(view)
         store = self.store(view.host.record.id)
@@ -656,6 +683,7 @@ class DockerProvider:
     def force_stop_host(self, host) -> None:
         self._stop(host, ["kill"])
 
+    @_one_at_a_time
     def _stop(self, host, argv) -> None:
         if host.record is None:  # a container of ours without a record: stop it, nothing else
             self.docker(*argv, host.facts["id"], timeout=STOP_TIMEOUT + 30)
@@ -679,6 +707,7 @@ class DockerProvider:
         state = self.docker("inspect", "-f", "{{.State.Running}}", container, check=False)
         return state.stdout.strip() == "true"
 
+    @_one_at_a_time
     def mark_failed(self, host) -> None:
         store = self.store(host.record.id)
         record, _ = store.read_host()
@@ -743,6 +772,7 @@ class DockerProvider:
                                         "destroy the hosts made from it first")
             raise mngr.CommandFailedError(f"docker rmi failed: {result.stderr.strip()}")
 
+    @_one_at_a_time
     def start_from_snapshot(self, view, snapshot_id: str):
         """Replace the host's container with one made from the snapshot; the host
         keeps its id, its records and its agents."""
@@ -812,6 +842,7 @@ class DockerProvider:
                          "-t", f"={view.record.session}"], env=self.env, capture=False,
                         check=False, timeout=None, what="docker exec tmux attach").returncode
 
+    @_one_at_a_time
     def destroy_agent(self, view, remove_work: bool, discard_changes: bool) -> None:
         """Forget the agent; a host left with no agents is removed with its container."""
         host = view.host
@@ -855,12 +886,14 @@ class DockerProvider:
             self._cp_in(host.facts["id"], self._files(store, records=records))
             self._keep(store, records)
 
+    @_one_at_a_time
     def update_policy(self, host, policy: mngr.IdlePolicy) -> None:
         store = self.store(host.record.id)
         record, _ = store.read_host()
         self._push(host, store, [replace(record, policy=policy,
                                          version=store.next_version(record.id, record.version))])
 
+    @_one_at_a_time
     def update_agent(self, view, **changes) -> None:
         store = self.store(view.host.record.id)
         agent, _ = store.read_agent(view.record.id)
