@@ -254,6 +254,7 @@ def test_transitional_timeouts(policy, state, running, since, extra):
 
 @given(cases())
 @example((mngr.Observation(True, True, "starting", 0, "bad signature"), mngr.IdlePolicy(), 0))
+@example((mngr.Observation(True, True, "failed", 0, "bad signature"), mngr.IdlePolicy(), 0))
 def test_applied_decision_then_reobserved_is_none(case):
     """A due action is a legal move from the observed state; applied and re-observed, nothing is due."""
     obs, policy, now = case
@@ -261,6 +262,11 @@ def test_applied_decision_then_reobserved_is_none(case):
     obs = replace(obs, running=running, state=mngr.derive_state(obs.exists, running, obs.state))
     decision = mngr.decide(obs, policy, now)
     if decision.action == "none":
+        return
+    if obs.state == "failed":  # a failed host still running is only killed: it stays failed
+        assert decision.action == "stop", decision
+        stopped = replace(obs, running=False)
+        assert mngr.decide(stopped, policy, now).action == "none"
         return
     target = TARGET[decision.action]
     assert target in mngr.HOST_TRANSITIONS[obs.state], (obs.state, decision)
