@@ -172,3 +172,16 @@ class UnionLaw(RuleBasedStateMachine):
 
 TestUnionLaw = UnionLaw.TestCase
 TestUnionLaw.settings = settings(max_examples=4, stateful_step_count=6, deadline=None)
+
+
+def test_a_custom_agent_type_carries_permissions(mngr_cli):
+    config = mngr_cli.home / ".config" / "mngr"
+    config.mkdir(parents=True)
+    (config / "settings.toml").write_text(
+        '[agent_types.deployer]\ncommand = "sleep 600"\npermissions = ["env:DEPLOY_KEY"]\n')
+    mngr_cli.ok("create", "d", "deployer", "--grant", "net:egress")
+    assert agents(mngr_cli)["d"]["permissions"] == ["env:DEPLOY_KEY", "net:egress"]
+    (config / "settings.toml").write_text(
+        '[agent_types.bad]\ncommand = "sleep 600"\npermissions = ["nosuch:thing"]\n')
+    refused = mngr_cli("create", "b", "bad")
+    assert refused.code == 2 and "unknown permission family in 'nosuch:thing'" in refused.err

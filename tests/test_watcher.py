@@ -204,3 +204,19 @@ def test_a_host_without_python3_cannot_be_created(cli, tmp_path):
     assert "3.9 or newer" in result.err
     assert json.loads(cli.ok("list", "--json").out) == []
     assert cli.tmux("has-session", "-t", "=mngr-nopy").returncode != 0
+
+
+def test_an_open_ssh_session_counts_as_ssh_activity(cli):
+    """The watcher reads SSH sessions from the process table: an sshd serving a pts.
+    (A process named as sshd names a session; the real sshd arrives with the SSH provider.)"""
+    cli.ok("create", "remote", "--agent-cmd", "sleep 600", "--idle-mode", "ssh",
+           "--idle-timeout", "3s")
+    session = subprocess.Popen(["bash", "-c", "exec -a 'sshd: dev@pts/7' sleep 30"])
+    try:
+        time.sleep(3 + INTERVAL + 2)
+        assert state(cli, "remote") == "running"  # the session keeps it alive
+        assert (cli.host_dir / "activity" / "ssh").exists()
+    finally:
+        session.kill()
+        session.wait()
+    assert wait_for(lambda: state(cli, "remote") == "stopped", timeout=3 + INTERVAL + 4)
