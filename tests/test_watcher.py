@@ -104,7 +104,8 @@ def test_deploy_lock_defers_the_stop_and_a_stale_one_does_not(cli):
 
 def test_a_command_fails_clearly_while_the_watcher_is_stopping_the_host(cli):
     cli.ok("create", "held", "--agent-cmd", "sleep 600")
-    assert wait_for(lambda: watcher_pid(cli))
+    # "started" is logged once the watcher has made its deploy lock dir (pid file comes first)
+    assert wait_for(lambda: any(e["event"] == "started" for e in events(cli)))
     (cli.host_dir / "deploy_lock").rmdir()  # what the watcher does when it stops the host
     result = cli("limit", "held", "--idle-timeout", "2h")
     assert result.code == 1 and "watcher is stopping it" in result.err
