@@ -922,6 +922,7 @@ class AgentView:
     verification: Verification
     exit_status: int | None = None
     attached: bool = False
+    started_at: float | None = None     # reported: its last start, from its status file
 
 
 @dataclass(eq=False)

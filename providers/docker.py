@@ -643,8 +643,7 @@ class DockerProvider:
     def start_agent(self, view):
         container = self._container(view)
         store = self.store(view.host.record.id)
-        if view.host.facts.get("running"):
-            self.tmux(container).kill(view.record.session)
+        if view.host.facts.get("running"):  # deploy restarts the session: one exec, not two
             self._deploy(container, store, start=[view.record.id])
             record = view.host.record
         else:  # boot the host; the watcher comes back with PID 1

@@ -85,11 +85,9 @@ class LocalProvider:
         record = host.record
         reported = []
         for agent in host.agents:
-            agent_dir = self.host_dir.agent_dir(agent.record.id)
-            started = mngr.read_status(agent_dir).get("started_at")
-            if isinstance(started, (int, float)):
-                reported.append(("start", float(started)))
-            output = mngr.mtime(agent_dir / "logs" / "output.log")
+            if agent.started_at is not None:  # read once, when the agent was collected
+                reported.append(("start", agent.started_at))
+            output = mngr.mtime(self.host_dir.agent_dir(agent.record.id) / "logs" / "output.log")
             if output is not None:
                 reported.append(("agent", output))
         for source in ("user", "agent", "ssh"):
@@ -120,9 +118,11 @@ class LocalProvider:
         pane = panes.get(agent.session, False)
         status = mngr.read_status(self.host_dir.agent_dir(agent.id))
         state = mngr.agent_state(status.get("pane_pid", 0), pane)
+        started = status.get("started_at")
         return mngr.AgentView(agent, host, state, verification,
                               exit_status=pane.dead_status if pane and pane.dead else None,
-                              attached=bool(pane and pane.attached))
+                              attached=bool(pane and pane.attached),
+                              started_at=float(started) if isinstance(started, (int, float)) else None)
 
     def _refresh(self, view):
         host = self.collect()[0]
