@@ -1077,8 +1077,10 @@ def read_status(agent_dir: Path) -> dict:
 
 HOOK_TIMEOUT = 60.0
 WATCH_INTERVAL = 10.0
-STOP_MODES = ("agents", "pid1")   # how the watcher stops its host: agents only, or PID 1 exits
-HOST_COMMANDS = ("watch", "run-hooks", "host-info", "host-init", "host-report", "deploy")
+# how the watcher stops its host: agents only; PID 1 exits (containers); agents, then the
+# machine powers off (ssh and cloud machines that allow it)
+STOP_MODES = ("agents", "pid1", "shutdown")
+HOST_COMMANDS = ("watch", "run-hooks", "host-info", "host-init", "host-report", "deploy", "host-stop")
 # host-init's sentinel exit codes, which the controller explains
 EXIT_INIT_NO_PYTHON = 90
 EXIT_INIT_OLD_PYTHON = 91
@@ -1243,11 +1245,12 @@ class Watcher:
     """
 
     def __init__(self, host_dir: HostDir, socket: str, interval: float, on_stop: str,
-                 boot_time=None):
+                 boot_time=None, shutdown_command: str = ""):
         self.host_dir = host_dir
         self.tmux = Tmux(socket)
         self.interval = interval
         self.on_stop = on_stop
+        self.shutdown_command = shutdown_command or default_shutdown_command()
         # the host's boot as its provider knows it; on the local host, the watcher's start
         self.boot = time.time() if boot_time is None else boot_time
         self.stopping = False
@@ -1285,8 +1288,9 @@ class Watcher:
                 reported.append((source, stamp))
         created = [a.created_at for a in agents]
         state = str(payload.get("state", "running"))
-        # a container host is up while its PID 1 is; the local host "runs" while agents do
-        up = bool(live) or self.on_stop == "pid1"
+        # a container host is up while its PID 1 is, a machine that may power off while it
+        # runs; the local host "runs" while agents do
+        up = bool(live) or self.on_stop in ("pid1", "shutdown")
         observation = Observation(
             exists=True, running=up, state=derive_state(True, up, state),
             # measured from this boot at the earliest: stale activity cannot stop a fresh host
@@ -1323,10 +1327,14 @@ class Watcher:
             self.log("stopping_host", how="pid1")
             os.kill(1, signal.SIGTERM)
             return
-        run_hooks(self.host_dir.hooks / "stop", self.host_dir.events / "hooks.jsonl", "stop")
-        for session in live:
-            self.tmux.kill(session)
+        stop_here(self.host_dir, self.tmux, live)
         self.log("stopped_agents", sessions=live, how=self.on_stop)
+        if self.on_stop == "shutdown":
+            self.log("shutting_down", command=self.shutdown_command)
+            result = run(["sh", "-c", self.shutdown_command], check=False, timeout=HOOK_TIMEOUT)
+            if result.returncode != 0:
+                self.log("error", error=f"shutdown failed (exit {result.returncode}): "
+                                        f"{result.stderr.strip()[-300:]}")
         self.host_dir.deploy_lock.mkdir(exist_ok=True)  # the host stays up: release the lock
 
     def round(self) -> str:
@@ -1515,6 +1523,44 @@ def _deploy_files_and_start(host_dir: HostDir, root: Path, tar_bytes: bytes, sta
     return EXIT_OK
 
 
+def default_shutdown_command() -> str:
+    """Power this machine off: directly as root, through sudo (no password) otherwise."""
+    return "shutdown -h now" if os.geteuid() == 0 else "sudo -n shutdown -h now"
+
+
+def stop_here(host_dir: HostDir, tmux: Tmux, sessions=None) -> list:
+    """Stop this host's agents: stop hooks, then their sessions (all that data.json
+    lists when not told). The sessions stopped."""
+    if sessions is None:
+        try:
+            payload = read_json(host_dir.data)["payload"]
+        except (ValueError, KeyError, TypeError):
+            payload = {}
+        live = {s for s, pane in tmux.panes().items() if pane is not None}
+        sessions = [a.session for a in read_unverified_agents(host_dir, payload) if a.session in live]
+    run_hooks(host_dir.hooks / "stop", host_dir.events / "hooks.jsonl", "stop")
+    for session in sessions:
+        tmux.kill(session)
+    return sessions
+
+
+def ensure_watcher(host_dir: HostDir, socket: str, interval: float, on_stop: str,
+                   boot_time, shutdown_command: str = "") -> None:
+    """Start this host's watcher unless one runs (it holds watcher.lock)."""
+    lock = FileLock(host_dir.root / "watcher.lock", blocking=False)
+    if not lock.acquire():
+        return
+    lock.release()
+    argv = [sys.executable, "-I", "-S", host_dir.bin / "mngr.py", "watch", "--tmux-socket", socket,
+            "--interval", interval, "--on-stop", on_stop]
+    if boot_time is not None:
+        argv += ["--boot-time", boot_time]
+    if shutdown_command:
+        argv += ["--shutdown-command", shutdown_command]
+    spawn(argv, log_path=host_dir.logs / "watcher.log",
+          env={**os.environ, ENV_HOST_DIR: str(host_dir.root)})
+
+
 def touch(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a"):
@@ -1534,6 +1580,8 @@ def host_main(argv) -> int:
     watch.add_argument("--on-stop", choices=STOP_MODES, default="agents")
     watch.add_argument("--boot-time", type=float, help="the host's boot (epoch seconds); "
                        "default: now, the watcher's start")
+    watch.add_argument("--shutdown-command", default="",
+                       help="with --on-stop shutdown: how to power off (default: shutdown -h now)")
     hooks = subs.add_parser("run-hooks", help="run a hooks dir in name order, logged")
     hooks.add_argument("directory")
     hooks.add_argument("--moment", default="start")
@@ -1547,6 +1595,13 @@ def host_main(argv) -> int:
                              "dir, each atomically, then start agents")
     deploy.add_argument("--start", action="append", default=[], metavar="AGENT_ID")
     deploy.add_argument("--tmux-socket", default=DEFAULT_ROOT_NAME)
+    deploy.add_argument("--watcher", choices=STOP_MODES,
+                        help="then start the watcher, stopping the host this way, unless it runs")
+    deploy.add_argument("--interval", type=float, default=WATCH_INTERVAL)
+    deploy.add_argument("--boot-time", type=float)
+    deploy.add_argument("--shutdown-command", default="")
+    stop = subs.add_parser("host-stop", help="run the stop hooks and stop every agent here")
+    stop.add_argument("--tmux-socket", default=DEFAULT_ROOT_NAME)
     args = parser.parse_args(argv)
     host_dir = HostDir(os.environ.get(ENV_HOST_DIR) or Path.home() / f".{DEFAULT_ROOT_NAME}")
     try:
@@ -1559,7 +1614,7 @@ def host_main(argv) -> int:
 def _host_command(args, host_dir: HostDir) -> int:
     if args.command == "watch":
         return Watcher(host_dir, args.tmux_socket, args.interval, args.on_stop,
-                       args.boot_time).watch(args.once)
+                       args.boot_time, args.shutdown_command).watch(args.once)
     if args.command == "run-hooks":
         run_hooks(Path(args.directory), host_dir.events / "hooks.jsonl", args.moment)
         return EXIT_OK
@@ -1569,7 +1624,14 @@ def _host_command(args, host_dir: HostDir) -> int:
         print(json.dumps(host_report(host_dir, Tmux(args.tmux_socket))))
         return EXIT_OK
     if args.command == "deploy":
-        return deploy_here(host_dir, sys.stdin.buffer.read(), args.start, Tmux(args.tmux_socket))
+        code = deploy_here(host_dir, sys.stdin.buffer.read(), args.start, Tmux(args.tmux_socket))
+        if args.watcher:
+            ensure_watcher(host_dir, args.tmux_socket, args.interval, args.watcher, args.boot_time,
+                           args.shutdown_command)
+        return code
+    if args.command == "host-stop":
+        print(json.dumps({"stopped": stop_here(host_dir, Tmux(args.tmux_socket))}))
+        return EXIT_OK
     try:
         document = read_json(host_dir.data)
     except ValueError:

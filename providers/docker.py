@@ -12,7 +12,6 @@ container, and one `docker exec` per running host, in parallel.
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import io
 import json
@@ -26,6 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mngr
+
+from .remote import RecordKeeper, clean_report, one_at_a_time
 
 LABEL = "com.imbue.mngr"
 HOST_DIR = "/mngr"              # the host dir inside every container
@@ -43,25 +44,6 @@ UNREACHABLE = ("Cannot connect to the Docker daemon", "error during connect",
                "Is the docker daemon running", "connection refused")
 
 
-def _one_at_a_time(method):
-    """Hold the host's lock (a file in its record dir) for the call: two mngr processes
-    never interleave read, sign and push on one host. Re-entrant within a process."""
-    import functools
-
-    @functools.wraps(method)
-    def locked(self, target, *args, **kwargs):
-        host = target.host if isinstance(target, mngr.AgentView) else target
-        if host.record is None or host.record.id in self._held:
-            return method(self, target, *args, **kwargs)
-        self._held.add(host.record.id)
-        try:
-            with mngr.FileLock(self.records_root / host.record.id / ".lock"):
-                return method(self, target, *args, **kwargs)
-        finally:
-            self._held.discard(host.record.id)
-    return locked
-
-
 @dataclass(frozen=True)
 class DockerPlan:
     name: str
@@ -75,21 +57,16 @@ class DockerPlan:
     mounts: tuple = ()
 
 
-class DockerProvider:
+class DockerProvider(RecordKeeper):
     backend = "docker"
 
     def __init__(self, name: str, conf: dict, ctx):
-        self.name = name
-        self.conf = conf
-        self.ctx = ctx
+        super().__init__(name, conf, ctx)
         self.env = dict(ctx.env)
         if conf.get("docker_host"):
             self.env["DOCKER_HOST"] = str(conf["docker_host"])
-        self.records_root = mngr.user_dir(ctx.env) / "hosts"
         # the network a host gets with net:egress; without it, none
         self.egress_network = str(conf.get("egress_network", "bridge"))
-        self.interval = mngr.parse_duration(ctx.setting("watch_interval", 10))
-        self._held = set()
 
     # Calling docker -------------------------------------------------------
 
@@ -131,33 +108,6 @@ class DockerProvider:
 
     # The controller's records ----------------------------------------------
 
-    def store(self, host_id: str) -> mngr.Store:
-        return mngr.Store(mngr.HostDir(self.records_root / host_id), self.ctx.keyring,
-                          self.ctx.versions)
-
-    def _records(self) -> list:
-        """(store, host record) for every host of this provider instance."""
-        found = []
-        try:
-            dirs = sorted(p for p in self.records_root.iterdir() if mngr.is_id(p.name))
-        except FileNotFoundError:
-            return found
-        for path in dirs:
-            store = self.store(path.name)
-            record, _ = store.read_host()
-            if record is not None and record.provider == self.name:
-                found.append((store, record))
-        return found
-
-    def _set_state(self, store, record, new_state: str, write: bool = True):
-        lifecycle = mngr.transition(record.lifecycle, new_state, time.time())
-        new = replace(record, lifecycle=lifecycle, version=store.next_version(record.id, record.version))
-        if write:
-            store.write_host(new)
-            store.versions.save()
-            self.ctx.state_changed(record, new, self.name)
-        return new
-
     def _started(self, container: str, store, record, start):
         """starting -> running, signed, sent into the host with the agents to start; the
         controller keeps the running record only once the host has it. On failure the
@@ -192,7 +142,7 @@ class DockerProvider:
         hosts = []
         for store, record in records:
             container = containers.pop(record.id, None)
-            hosts.append(self._view(store, record, container,
+            hosts.append(self._view(store, record, self._facts(container),
                                     reports.get(container["Id"]) if container else None))
         for host_id, container in containers.items():  # a container without our record
             missing = mngr.Verification(False, "missing")
@@ -209,7 +159,7 @@ class DockerProvider:
         if result.returncode != 0:
             return {"error": (result.stderr.strip().splitlines() or ["host-report failed"])[-1][:200]}
         try:
-            return _clean_report(json.loads(result.stdout))
+            return clean_report(json.loads(result.stdout))
         except (ValueError, TypeError) as exc:
             return {"error": f"malformed: {exc}"[:200]}
 
@@ -222,93 +172,6 @@ class DockerProvider:
                 "status": state["Status"], "exit_code": state.get("ExitCode"),
                 "created": _epoch(container["Created"]),
                 "started": _epoch(state.get("StartedAt")) if state["Running"] else None}
-
-    def _view(self, store, record, container, report):
-        facts = self._facts(container)
-        agents = []
-        for agent_id in record.agents:
-            agent, check = store.read_agent(agent_id)
-            if agent is not None:
-                agents.append((agent, check))
-        verification = mngr.Verification(True)
-        host = mngr.HostView(self, record, verification, facts=facts)
-        if report and "error" in report:  # a running host that will not say: treat as tampered
-            host.problems.append(f"host report: {report['error']}")
-            report = None
-        elif report:
-            host.verification = mngr.verify_document(
-                report.get("document"), self.ctx.keyring, "host", record.id,
-                self.ctx.versions.minimum(record.id))
-            for agent, _ in agents:
-                seen = report.get("agents", {}).get(agent.id, {})
-                check = mngr.verify_document(seen.get("document"), self.ctx.keyring, "agent",
-                                             agent.id, self.ctx.versions.minimum(agent.id))
-                if not check.ok:
-                    host.problems.append(f"agent {agent.name}: {check.reason}")
-        facts["report"] = report
-        panes = (report or {}).get("panes") or {}
-        for agent, check in agents:
-            pane = panes.get(agent.session, False)
-            if pane:
-                pane = mngr.PaneInfo(**pane)
-            status = ((report or {}).get("agents", {}).get(agent.id) or {}).get("status") or {}
-            state = mngr.agent_state(status.get("pane_pid", 0), pane) if report else "stopped"
-            agents_view = mngr.AgentView(agent, host, state, check,
-                                         exit_status=pane.dead_status if pane and pane.dead else None,
-                                         attached=bool(pane and pane.attached))
-            host.agents.append(agents_view)
-        return host
-
-    def refresh(self, host):
-        for fresh in self.collect():
-            if host.record is not None and fresh.record and fresh.record.id == host.record.id:
-                return fresh
-            if host.record is None and fresh.facts.get("id") == host.facts.get("id"):
-                return fresh
-        return None
-
-    def default_policy(self) -> mngr.IdlePolicy:
-        return mngr.default_policy(self.ctx.settings, self.name, trusted=False)
-
-    def observe(self, host, now: float) -> mngr.Observation:
-        facts = host.facts
-        record = host.record
-        policy = record.policy if record else self.default_policy()
-        believe = policy.trust == "trusted" or policy.trust_reported
-        report = facts.get("report") or {}
-        reported = []
-        for agent in host.agents:
-            seen = (report.get("agents") or {}).get(agent.record.id) or {}
-            started = (seen.get("status") or {}).get("started_at")
-            if isinstance(started, (int, float)):
-                reported.append(("start", float(started)))
-            if isinstance(seen.get("output_mtime"), (int, float)):
-                reported.append(("agent", float(seen["output_mtime"])))
-        for pane in (report.get("panes") or {}).values():
-            if pane and pane.get("window_activity"):
-                reported.append(("agent", float(pane["window_activity"])))
-            if pane and pane.get("client_activity"):
-                reported.append(("user", float(pane["client_activity"])))
-        for source, stamp in (report.get("activity") or {}).items():
-            if isinstance(stamp, (int, float)):
-                reported.append((source, float(stamp)))
-        if report.get("ssh_open"):
-            reported.append(("ssh", now))
-        exists = bool(facts.get("exists"))
-        running = bool(facts.get("running"))
-        signed_state = record.lifecycle.state if record else "running"
-        created = [a.record.created_at for a in host.agents]
-        return mngr.Observation(
-            exists=exists, running=running,
-            state=mngr.derive_state(exists, running, signed_state),
-            state_since=record.lifecycle.since if record else (facts.get("created") or now),
-            verify_error=host.verify_error if running else "",
-            certified_created_at=facts.get("created"),
-            certified_boot_time=facts.get("started"),
-            signed_created_at=max(created) if created else None,
-            process_alive=believe and any(a.state == "running" for a in host.agents),
-            reported=tuple(sorted(reported)),
-            deploy_lock_since=report.get("deploy_lock_since"))
 
     # Creating ---------------------------------------------------------------
 
@@ -398,17 +261,9 @@ class DockerProvider:
                 exc.hint = exc.hint or f"the host shows as failed; remove it: mngr destroy -f {plan.name}"
             raise
         store.versions.save()
-        view = self._fresh_view(record, container, agent)
+        view = self._fresh_view(record, agent, {"id": container})
         self.ctx.hook("on_after_agent_create", mngr.agent_info(agent, mngr.host_info(record, self.name),
                                                                view.state))
-        return view
-
-    def _fresh_view(self, record, container: str, agent):
-        """The view of an agent just started, without listing everything again."""
-        host = mngr.HostView(self, record, mngr.Verification(True),
-                             facts={"exists": True, "id": container, "running": True})
-        view = mngr.AgentView(agent, host, "running", mngr.Verification(True))
-        host.agents.append(view)
         return view
 
     def _agent_record(self, plan: DockerPlan, host_id: str, now: float) -> mngr.AgentRecord:
@@ -422,7 +277,7 @@ class DockerProvider:
     def _add_agent(self, plan: DockerPlan, host):
         return self._add_agent_locked(host, plan)
 
-    @_one_at_a_time
+    @one_at_a_time
     def _add_agent_locked(self, host, plan: DockerPlan):
         fresh, _ = self.store(host.record.id).read_host()  # as it is now, under the lock
         host.record = fresh or host.record
@@ -456,7 +311,7 @@ class DockerProvider:
         except BaseException:
             shutil.rmtree(store.host_dir.agent_dir(agent.id), ignore_errors=True)
             raise
-        view = self._fresh_view(record, container, agent)
+        view = self._fresh_view(record, agent, {"id": container})
         self.ctx.hook("on_after_agent_create", mngr.agent_info(agent, info, view.state))
         return view
 
@@ -539,36 +394,6 @@ class DockerProvider:
             raise mngr.CommandFailedError(f"docker create failed: {tail}", detail=result.stderr)
         return result.stdout.strip()
 
-    def _files(self, store: mngr.Store, skeleton: bool = False, records=()) -> dict:
-        """The controller's signed records (and, for a new host, mngr.py and env), as
-        {path in the host dir: bytes}; records: new versions to sign and send instead."""
-        root = store.host_dir
-        files = {"data.json": root.data.read_bytes()}
-        host = next((r for r in records if isinstance(r, mngr.HostRecord)), None)
-        agent_ids = list(host.agents) if host else _record_agents(root)
-        for agent_id in agent_ids:
-            for name in ("data.json", "env"):
-                path = root.agent_dir(agent_id) / name
-                if path.exists():
-                    files[f"agents/{agent_id}/{name}"] = path.read_bytes()
-        for record in records:
-            rel = "data.json" if isinstance(record, mngr.HostRecord) else f"agents/{record.id}/data.json"
-            files[rel] = (json.dumps(mngr.sign_payload(store.keyring, record.to_dict()), indent=2,
-                                     sort_keys=True) + "\n").encode()
-        if skeleton:
-            files["bin/mngr.py"] = Path(mngr.__file__).resolve().read_bytes()
-            files["env"] = root.env.read_bytes() if root.env.exists() else b""
-        return files
-
-    def _keep(self, store: mngr.Store, records) -> None:
-        """Records the host now has become the controller's truth (never before)."""
-        for record in records:
-            if isinstance(record, mngr.HostRecord):
-                store.write_host(record)
-            else:
-                store.write_agent(record)
-        store.versions.save()
-
     def _cp_in(self, container: str, files: dict, work=None) -> None:
         """Files for the host dir, and a plan's work dir, in one tar stream through docker cp
         (works before the container starts; not atomic, so only for hosts not running)."""
@@ -639,7 +464,7 @@ class DockerProvider:
                                     if isinstance(view, mngr.AgentView) else "destroy it")
         return host.facts["id"]
 
-    @_one_at_a_time
+    @one_at_a_time
     def start_agent(self, view):
         container = self._container(view)
         store = self.store(view.host.record.id)
@@ -658,7 +483,7 @@ class DockerProvider:
                 self._set_state(store, record, "failed")
                 raise
             record = self._started(container, store, record, [view.record.id])
-        return self._fresh_view(record, container, view.record)
+        return self._fresh_view(record, view.record, {"id": container})
 
     def restart_agent(self, view):
         """With its records re-sent: a changed env or permission set takes effect."""
@@ -682,7 +507,7 @@ class DockerProvider:
     def force_stop_host(self, host) -> None:
         self._stop(host, ["kill"])
 
-    @_one_at_a_time
+    @one_at_a_time
     def _stop(self, host, argv) -> None:
         if host.record is None:  # a container of ours without a record: stop it, nothing else
             self.docker(*argv, host.facts["id"], timeout=STOP_TIMEOUT + 30)
@@ -706,7 +531,7 @@ class DockerProvider:
         state = self.docker("inspect", "-f", "{{.State.Running}}", container, check=False)
         return state.stdout.strip() == "true"
 
-    @_one_at_a_time
+    @one_at_a_time
     def mark_failed(self, host) -> None:
         store = self.store(host.record.id)
         record, _ = store.read_host()
@@ -771,7 +596,7 @@ class DockerProvider:
                                         "destroy the hosts made from it first")
             raise mngr.CommandFailedError(f"docker rmi failed: {result.stderr.strip()}")
 
-    @_one_at_a_time
+    @one_at_a_time
     def start_from_snapshot(self, view, snapshot_id: str):
         """Replace the host's container with one made from the snapshot; the host
         keeps its id, its records and its agents."""
@@ -792,7 +617,7 @@ class DockerProvider:
             self._set_state(store, record, "failed")
             raise
         record = self._started(container, store, record, [view.record.id])
-        return self._fresh_view(record, container, view.record)
+        return self._fresh_view(record, view.record, {"id": container})
 
     def send_message(self, view, text: str) -> None:
         self.tmux(self._container(view)).send(view.record.session, text)
@@ -841,7 +666,7 @@ class DockerProvider:
                          "-t", f"={view.record.session}"], env=self.env, capture=False,
                         check=False, timeout=None, what="docker exec tmux attach").returncode
 
-    @_one_at_a_time
+    @one_at_a_time
     def destroy_agent(self, view, remove_work: bool, discard_changes: bool) -> None:
         """Forget the agent; a host left with no agents is removed with its container."""
         host = view.host
@@ -885,39 +710,6 @@ class DockerProvider:
             self._cp_in(host.facts["id"], self._files(store, records=records))
             self._keep(store, records)
 
-    @_one_at_a_time
-    def update_policy(self, host, policy: mngr.IdlePolicy) -> None:
-        store = self.store(host.record.id)
-        record, _ = store.read_host()
-        self._push(host, store, [replace(record, policy=policy,
-                                         version=store.next_version(record.id, record.version))])
-
-    @_one_at_a_time
-    def update_agent(self, view, **changes) -> None:
-        store = self.store(view.host.record.id)
-        agent, _ = store.read_agent(view.record.id)
-        agent = replace(agent, version=store.next_version(agent.id, agent.version), **changes)
-        records = [agent]
-        if "permissions" in changes:
-            host, _ = store.read_host()
-            others = [store.read_agent(a)[0] for a in host.agents if a != agent.id]
-            records.append(replace(host, version=store.next_version(host.id, host.version),
-                                   permissions=mngr.permission_union(
-                                       [a.permissions for a in others if a] + [agent.permissions])))
-        self._push(view.host, store, records)
-
-    def resign(self, keyring) -> int:
-        """Re-sign the controller's records with the newest key, and send them in."""
-        count = 0
-        hosts = {h.record.id: h for h in self.collect() if h.record is not None}
-        for old, record in self._records():
-            new = mngr.Store(old.host_dir, keyring, self.ctx.versions)
-            count += mngr.resign_host(old, new, record)
-            if record.id in hosts and hosts[record.id].facts.get("exists"):
-                self._push(hosts[record.id], new)
-        return count
-
-
 class _NoArgs:
     """Create-container options for a host re-made from a snapshot: none extra."""
 
@@ -925,64 +717,10 @@ class _NoArgs:
     start_arg = ()
 
 
-def _number(value, where: str):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{where} is not a number")
-    return float(value)
-
-
-def _clean_report(raw) -> dict:
-    """A host-report as the controller will read it, every field checked; TypeError when
-    anything is not of its shape (the host wrote it: it may be anything)."""
-    if not isinstance(raw, dict):
-        raise TypeError("not an object")
-    report = {"document": raw.get("document"), "agents": {}, "panes": {}, "activity": {},
-              "deploy_lock_since": _number(raw.get("deploy_lock_since"), "deploy_lock_since"),
-              "ssh_open": raw.get("ssh_open") is True}
-    agents, panes, activity = raw.get("agents") or {}, raw.get("panes") or {}, raw.get("activity") or {}
-    if not all(isinstance(x, dict) for x in (agents, panes, activity)):
-        raise TypeError("agents, panes and activity must be objects")
-    for agent_id, seen in agents.items():
-        if not isinstance(seen, dict) or not isinstance(seen.get("status") or {}, dict):
-            raise TypeError(f"agent {agent_id!r} is not an object")
-        status = seen.get("status") or {}
-        report["agents"][str(agent_id)] = {
-            "document": seen.get("document"),
-            "status": {"pane_pid": int(_number(status.get("pane_pid"), "pane_pid") or 0),
-                       "started_at": _number(status.get("started_at"), "started_at")},
-            "output_mtime": _number(seen.get("output_mtime"), "output_mtime")}
-    fields = {f.name for f in dataclasses.fields(mngr.PaneInfo)}
-    for session, pane in panes.items():
-        if pane is None:
-            report["panes"][str(session)] = None
-            continue
-        if not isinstance(pane, dict) or set(pane) != fields:
-            raise TypeError(f"pane {session!r} is not a pane")
-        report["panes"][str(session)] = {
-            "session": str(pane["session"]), "pane_pid": int(_number(pane["pane_pid"], "pane_pid") or 0),
-            "dead": pane["dead"] is True, "attached": pane["attached"] is True,
-            "dead_status": None if pane["dead_status"] is None
-            else int(_number(pane["dead_status"], "dead_status")),
-            "window_activity": _number(pane["window_activity"], "window_activity"),
-            "client_activity": _number(pane["client_activity"], "client_activity")}
-    for source in ("agent", "user", "ssh"):
-        report["activity"][source] = _number(activity.get(source), source)
-    return report
-
-
 def _dir_entry(name: str) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, time.time()
     return info
-
-
-def _record_agents(host_dir: mngr.HostDir) -> list:
-    try:
-        return [p.name for p in host_dir.agents.iterdir() if mngr.is_id(p.name)]
-    except FileNotFoundError:
-        return []
 
 
 def _epoch(text):
