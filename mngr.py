@@ -1978,7 +1978,8 @@ def git_is_dirty(path: Path) -> bool:
 # Providers and plugins #####################################################
 
 BUILTIN_PROVIDERS = {"local": "mngr_providers.local:LocalProvider",
-                     "docker": "mngr_providers.docker:DockerProvider"}
+                     "docker": "mngr_providers.docker:DockerProvider",
+                     "ssh": "mngr_providers.ssh:SshProvider"}
 BUILTIN_PLUGINS = {"claude": "mngr:ClaudeAgentType", "codex": "mngr:CodexAgentType",
                    "core-permissions": "mngr:CorePermissions"}
 PLUGIN_GROUPS = ("mngr.plugins", "mngr.providers")
@@ -2349,8 +2350,9 @@ class Context:
         """Every configured provider instance, local first, loaded on first use."""
         if self._providers is None:
             backends = self.plugins.found()["mngr.providers"]
-            # local always; docker too, but it costs nothing until it has a host
-            instances = {"local": {"backend": "local"}, "docker": {"backend": "docker", "implicit": True}}
+            # local always; docker and ssh too, but they cost nothing until they have a host
+            instances = {"local": {"backend": "local"}, "docker": {"backend": "docker", "implicit": True},
+                         "ssh": {"backend": "ssh", "implicit": True}}
             configured = self.setting("providers", {})
             if not isinstance(configured, dict):
                 raise ConfigError("settings: [providers] must be a table")
@@ -2769,6 +2771,44 @@ def _args_plugin(sp, Parser):
     _add_output_flags(lsp)
 
 
+def _args_host(sp, Parser):
+    actions = sp.add_subparsers(dest="host_command", metavar="ACTION", parser_class=Parser)
+    actions.required = True
+    add = actions.add_parser("add", help="add an ssh machine agents can run on",
+                             description="add an ssh machine agents can run on; it is checked first")
+    add.add_argument("name", help="the machine's name in mngr (mngr create --host NAME)")
+    add.add_argument("--ssh", required=True, metavar="USER@HOST[:PORT]", help="how to reach it")
+    add.add_argument("--identity", metavar="FILE", help="the private key to log in with")
+    add.add_argument("--host-dir", metavar="DIR", help="mngr's dir there (default ~/.mngr-host)")
+    add.add_argument("--work-root", metavar="DIR", help="where work dirs go there (default ~/mngr-work)")
+    add.add_argument("--agent-user", metavar="USER",
+                     help="run agents as this unprivileged user there (needed when untrusted)")
+    add.add_argument("--allow-shutdown", action="store_true",
+                     help="let the idle watcher and mngr enforce power the machine off")
+    add.add_argument("--accept-host-key", action="store_true",
+                     help="accept and remember the machine's host key if it is not known yet")
+    add.add_argument("--no-check", action="store_true", help="add it without connecting")
+    add.add_argument("--in", dest="provider", default="ssh", metavar="PROVIDER",
+                     help="the ssh provider instance (default: ssh)")
+    _add_output_flags(add)
+    check = actions.add_parser("check", help="connect to a machine and check it can run agents",
+                               description="connect to a machine and check it can run agents")
+    check.add_argument("name")
+    check.add_argument("--accept-host-key", action="store_true",
+                       help="accept and remember the machine's host key if it is not known yet")
+    check.add_argument("--in", dest="provider", metavar="PROVIDER")
+    _add_output_flags(check)
+    remove = actions.add_parser("remove", help="forget a machine added with host add",
+                                description="forget a machine added with host add")
+    remove.add_argument("name")
+    remove.add_argument("--in", dest="provider", metavar="PROVIDER")
+    _add_output_flags(remove)
+    lsp = actions.add_parser("list", help="the ssh machines agents can run on",
+                             description="the ssh machines agents can run on (no connection made)")
+    lsp.add_argument("--in", dest="provider", metavar="PROVIDER")
+    _add_output_flags(lsp)
+
+
 # name, aliases, one-line help, the function that adds its arguments
 COMMAND_TABLE = (
     ("create", ("c",), "create an agent and start it", _args_create),
@@ -2786,6 +2826,7 @@ COMMAND_TABLE = (
     ("enforce", (), "stop idle and stuck hosts (run it from cron)", _args_enforce),
     ("plugin", (), "the installed plugins", _args_plugin),
     ("limit", ("lim",), "change the idle policy of agents' hosts", _args_limit),
+    ("host", (), "ssh machines agents can run on: add, list, check, remove", _args_host),
 )
 
 
@@ -3000,7 +3041,12 @@ def run_on_targets(ctx, agents, action, verb: str) -> int:
 @command("create")
 def cmd_create(args, ctx) -> int:
     host = None
-    if args.host:
+    machine_of = [p for p in _machine_providers(ctx) if args.host in p.machines()] if args.host else []
+    if args.provider != "local":
+        machine_of = [p for p in machine_of if p.name == args.provider]
+    if machine_of:  # a machine: its provider finds or makes its host
+        provider = machine_of[0]
+    elif args.host:
         host = _host_target(ctx, ctx.collect(), args.host)
         provider = host.provider
     else:
@@ -3418,6 +3464,84 @@ def cmd_plugin(args, ctx) -> int:
                       ("distribution", "distribution"), ("version", "version"), ("hooks", "hooks"),
                       ("agent types", "types")])
     emit(ctx, rows, human)
+    return EXIT_OK
+
+
+def _machine_providers(ctx, name=None) -> list:
+    """The provider instances whose hosts are machines (they list them without connecting)."""
+    found = [p for p in ctx.providers() if hasattr(p, "machines") and not isinstance(p, DisabledProvider)]
+    if name is not None:
+        found = [p for p in found if p.name == name]
+        if not found:
+            raise NotFoundError(f"no ssh provider named {name!r}",
+                                "known: " + (", ".join(p.name for p in _machine_providers(ctx)) or "none"))
+    return found
+
+
+def _machine_named(ctx, name: str, provider=None):
+    matches = [(p, p.machines()[name]) for p in _machine_providers(ctx, provider) if name in p.machines()]
+    if not matches:
+        raise NotFoundError(f"no machine named {name}", "see mngr host list")
+    if len(matches) > 1:
+        raise UsageError(f"machine {name} is in several providers: "
+                         + ", ".join(p.name for p, _ in matches), "pick one with --in PROVIDER")
+    return matches[0]
+
+
+@command("host")
+def cmd_host(args, ctx) -> int:
+    action = args.host_command
+    if action == "list":
+        rows = []
+        for provider in _machine_providers(ctx, args.provider):
+            hosts = {record.name: record for _, record in provider._records()}
+            for name, machine in sorted(provider.machines().items()):
+                record = hosts.get(name)
+                rows.append({"name": name, "provider": provider.name, "address": machine.where,
+                             "identity": machine.identity, "host_dir": machine.host_dir,
+                             "work_root": machine.work_root, "agent_user": machine.agent_user,
+                             "allow_shutdown": machine.allow_shutdown, "source": machine.source,
+                             "agents": len(record.agents) if record else 0,
+                             "host_state": record.lifecycle.state if record else "-"})
+        emit(ctx, rows, lambda: table(rows, [("name", "name"), ("provider", "provider"),
+                                             ("address", "address"), ("agents", "agents"),
+                                             ("host state", "host_state"), ("source", "source")])
+             or "no machines (add one: mngr host add NAME --ssh user@host)")
+        return EXIT_OK
+    if action == "add":
+        validate_name(args.name, "machine name")
+        provider = _machine_providers(ctx, args.provider)[0]
+        conf = {}
+        for key in ("identity", "host_dir", "work_root", "agent_user"):
+            if getattr(args, key):
+                conf[key] = getattr(args, key)
+        if args.identity and not Path(args.identity).expanduser().is_file():
+            raise UsageError(f"no identity file at {args.identity}", "give the private key's path")
+        conf["allow_shutdown"] = args.allow_shutdown
+        machine = provider.new_machine(args.name, args.ssh, conf)
+        if args.name in provider.machines():
+            provider.add_machine(machine)  # refuses, saying why
+        row = {"machine": machine.name, "provider": provider.name, "address": machine.where,
+               "checked": False}
+        if not args.no_check:
+            try:
+                row.update(provider.check_machine(machine, args.accept_host_key), checked=True)
+            except RefusedError as exc:
+                if "host key" in exc.message and "unknown" in exc.message:
+                    exc.hint = "if that is the machine's key, run this again with --accept-host-key"
+                raise
+        provider.add_machine(machine)
+        emit(ctx, row, f"added machine {machine.name} ({machine.where})"
+             + (f": {row['system']}, python {row['python']}" if row["checked"] else ", not checked"))
+        return EXIT_OK
+    provider, machine = _machine_named(ctx, args.name, args.provider)
+    if action == "check":
+        row = provider.check_machine(machine, args.accept_host_key)
+        emit(ctx, row, f"{machine.name} ({machine.where}): ok, {row['system']}, python {row['python']}")
+        return EXIT_OK
+    provider.remove_machine(machine.name)
+    emit(ctx, {"machine": machine.name, "provider": provider.name, "removed": True},
+         f"removed machine {machine.name}")
     return EXIT_OK
 
 

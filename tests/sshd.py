@@ -1,0 +1,90 @@
+"""A real sshd for tests: its own host key, user key, config and pid file, on a
+free loopback port (or inside a network namespace the test made), stopped by pid."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+SSHD = "/usr/sbin/sshd"
+
+
+def have_sshd() -> bool:
+    return os.path.exists(SSHD) and shutil.which("ssh") is not None and os.geteuid() == 0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_port(address: str, port: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((address, port), 1).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+class Sshd:
+    """One sshd; keys and config under `root`. Logins as root with the user key."""
+
+    def __init__(self, root: Path, address: str = "127.0.0.1", port: int = 0, netns: str = "",
+                 extra: str = ""):
+        self.root = root
+        self.address = address
+        self.port = port or free_port()
+        self.netns = netns
+        root.mkdir(parents=True, exist_ok=True)
+        for name in ("host_key", "user_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name,
+                            "-f", str(root / name)], check=True)
+        (root / "authorized_keys").write_text((root / "user_key.pub").read_text())
+        self.config = root / "sshd_config"
+        self.config.write_text(
+            f"Port {self.port}\nListenAddress {address}\nHostKey {root / 'host_key'}\n"
+            f"PidFile {root / 'sshd.pid'}\nAuthorizedKeysFile {root / 'authorized_keys'}\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nLogLevel ERROR\n"
+            "MaxSessions 100\nMaxStartups 100\n" + extra)
+        self.pid = 0
+
+    @property
+    def identity(self) -> str:
+        return str(self.root / "user_key")
+
+    def known_hosts_line(self) -> str:
+        key = " ".join((self.root / "host_key.pub").read_text().split()[:2])
+        host = self.address if self.port == 22 else f"[{self.address}]:{self.port}"
+        return f"{host} {key}\n"
+
+    def start(self) -> "Sshd":
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation dir
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        subprocess.run([*prefix, SSHD, "-f", str(self.config), "-E", str(self.root / "sshd.log")],
+                       check=True, timeout=30)
+        pid_file = self.root / "sshd.pid"
+        deadline = time.monotonic() + 10
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.pid = int(pid_file.read_text())
+        if not wait_port(self.address, self.port):
+            raise RuntimeError(f"sshd did not listen on {self.address}:{self.port}: "
+                               + (self.root / "sshd.log").read_text()[-500:])
+        return self
+
+    def stop(self) -> None:
+        if self.pid:
+            try:  # the listener only: sessions it forked for agents' tmux servers are not ours
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            self.pid = 0
