@@ -530,9 +530,10 @@ class SshProvider(RecordKeeper):
             store.write_host(record)
             store.versions.save()
         self.ctx.state_changed(None, record, self.name)
-        work_made = ""
+        work_made, installed = "", False
         try:
             home = self._install(machine)
+            installed = True
             agent = self._agent_record(plan, host_id, now, home["work_root"])
             self.ctx.hook("on_before_agent_create",
                           mngr.agent_info(agent, mngr.host_info(record, self.name)))
@@ -548,7 +549,8 @@ class SshProvider(RecordKeeper):
             self._deploy(machine, store, start=[agent.id], records=[agent, running], new_host=True)
         except BaseException as exc:
             # nothing half-made: what went onto the machine goes, and the record with it
-            self._remove_from_machine(machine, work_made, whole_host_dir=True)
+            if installed:
+                self._remove_from_machine(machine, work_made, whole_host_dir=True)
             shutil.rmtree(store.host_dir.root, ignore_errors=True)
             gone = replace(record, lifecycle=mngr.Lifecycle("destroyed", time.time()))
             self.ctx.state_changed(record, gone, self.name)
@@ -645,7 +647,7 @@ class SshProvider(RecordKeeper):
         result = self.ssh.run(machine, script, input=stream.getvalue(), timeout=COPY_TIMEOUT)
         if result.returncode != 0:
             tail = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
-            full = "No space left on device" in result.stderr
+            full = any(sign in result.stderr for sign in ("No space left", "Wrote only", "Disk quota"))
             raise mngr.CommandFailedError(
                 f"copying {plan.source_dir} to machine {machine.name} failed: "
                 + ("its disk is full" if full else tail),

@@ -9,12 +9,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
+TEST_USER=mngr-test
 
 deps() {
     local missing=()
     command -v tmux >/dev/null || missing+=(tmux)
     command -v git >/dev/null || missing+=(git)
     "$PYTHON" -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
+    [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+    command -v ssh >/dev/null || missing+=(openssh-client)
+    command -v ip >/dev/null || missing+=(iproute2)
+    if [ "$(id -u)" -eq 0 ] && ! id "$TEST_USER" >/dev/null 2>&1; then
+        # an unprivileged user for the ssh tests: agents run as it on "untrusted" machines
+        # password "*": none to log in with, but not locked (sshd refuses locked accounts)
+        useradd --system --create-home --shell /bin/sh --password "*" "$TEST_USER"
+    fi
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -ne 0 ]; then
         echo "setup: missing Debian packages: ${missing[*]} (run: sudo apt-get install ${missing[*]})" >&2

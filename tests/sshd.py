@@ -44,10 +44,12 @@ class Sshd:
         self.port = port or free_port()
         self.netns = netns
         root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o755)  # sshd reads authorized_keys as the user logging in
         for name in ("host_key", "user_key"):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name,
                             "-f", str(root / name)], check=True)
         (root / "authorized_keys").write_text((root / "user_key.pub").read_text())
+        (root / "authorized_keys").chmod(0o644)
         self.config = root / "sshd_config"
         self.config.write_text(
             f"Port {self.port}\nListenAddress {address}\nHostKey {root / 'host_key'}\n"
@@ -88,3 +90,39 @@ class Sshd:
             except ProcessLookupError:
                 pass
             self.pid = 0
+
+
+class Netns:
+    """A network namespace joined to this one by a veth pair, both ends ours; the
+    link can be cut (`ip link set ... down`) and mended."""
+
+    def __init__(self, tag: str):
+        number = os.getpid() % 200 + 20
+        self.name = f"mngr-{tag}"
+        self.outer, self.inner = f"mo{tag}"[:15], f"mi{tag}"[:15]
+        self.outer_address, self.address = f"10.213.{number}.1", f"10.213.{number}.2"
+
+    def ip(self, *args, inside: bool = False) -> None:
+        prefix = ["ip", "netns", "exec", self.name] if inside else []
+        subprocess.run([*prefix, "ip", *args], check=True, capture_output=True, timeout=30)
+
+    def create(self) -> "Netns":
+        self.ip("netns", "add", self.name)
+        self.ip("link", "add", self.outer, "type", "veth", "peer", "name", self.inner)
+        self.ip("link", "set", self.inner, "netns", self.name)
+        self.ip("addr", "add", f"{self.outer_address}/30", "dev", self.outer)
+        self.ip("link", "set", self.outer, "up")
+        self.ip("addr", "add", f"{self.address}/30", "dev", self.inner, inside=True)
+        self.ip("link", "set", self.inner, "up", inside=True)
+        self.ip("link", "set", "lo", "up", inside=True)
+        return self
+
+    def cut(self) -> None:
+        self.ip("link", "set", self.outer, "down")
+
+    def mend(self) -> None:
+        self.ip("link", "set", self.outer, "up")
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "link", "del", self.outer], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)

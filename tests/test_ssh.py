@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,14 +22,24 @@ from sshd import Sshd, have_sshd
 PROVIDER = "lab"
 
 
+TEST_USER = "mngr-test"     # made by make test (tests/setup.sh deps)
+
+
 def machine_toml(name: str, sshd: Sshd, root: Path, socket: str, **extra) -> str:
-    lines = [f"[providers.{PROVIDER}.machines.{name}]", f'address = "{sshd.address}"',
-             f"port = {sshd.port}", 'user = "root"', f'identity = "{sshd.identity}"',
-             f'host_dir = "{root / name / "host"}"', f'work_root = "{root / name / "work"}"',
-             f'tmux_socket = "{socket}-{name}"']
-    for key, value in extra.items():
-        lines.append(f"{key} = {json.dumps(value)}")
-    return "\n".join(lines) + "\n"
+    conf = {"address": sshd.address, "port": sshd.port, "user": "root", "identity": sshd.identity,
+            "host_dir": str(root / name / "host"), "work_root": str(root / name / "work"),
+            "tmux_socket": f"{socket}-{name}", **extra}
+    return f"[providers.{PROVIDER}.machines.{name}]\n" + "".join(
+        f"{key} = {json.dumps(value)}\n" for key, value in conf.items())
+
+
+def have_test_user() -> bool:
+    import pwd
+
+    try:
+        return pwd.getpwnam(TEST_USER).pw_shell == "/bin/sh"
+    except KeyError:
+        return False
 
 
 class Lab:
@@ -74,7 +86,7 @@ def lab(mngr_cli, tmp_path):
     need(have_sshd(), "sshd (openssh-server) and root, to run it on a loopback port")
     sshd = Sshd(tmp_path / "sshd").start()
     lab = Lab(mngr_cli, sshd, tmp_path / "machines")
-    lab.started = [sshd]
+    lab.started, lab.cleanup = [sshd], []
     lab.add("m1")
     lab.trust_key()
     yield lab
@@ -88,6 +100,8 @@ def lab(mngr_cli, tmp_path):
                 pass
     for server in lab.started:
         server.stop()
+    for undo in lab.cleanup:
+        undo()
 
 
 def test_agent_lifecycle_on_a_machine(lab):
@@ -132,3 +146,209 @@ def test_agent_lifecycle_on_a_machine(lab):
     assert lab.agents() == {}
     assert not lab.host_dir("m1").exists() and not work.exists()
     assert lab.tmux("m1", "has-session", "-t", "=mngr-a1").returncode != 0
+
+
+def host_state(lab, machine: str) -> str:
+    """The state in the controller's own signed record of the machine's host."""
+    for path in (lab.cli.home / ".mngr" / "hosts").glob("*/data.json"):
+        payload = json.loads(path.read_text())["payload"]
+        if payload["name"] == machine:
+            return payload["state"]
+    return "none"
+
+
+def counting_ssh(lab) -> Path:
+    """An `ssh` first on PATH that logs each call, then runs the real one."""
+    bin_dir = lab.root / "count-bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    log = lab.root / "ssh-calls"
+    real = subprocess.run(["sh", "-c", "command -v ssh"], capture_output=True, text=True).stdout.strip()
+    (bin_dir / "ssh").write_text(f"#!/bin/sh\necho call >> {log}\nexec {real} \"$@\"\n")
+    (bin_dir / "ssh").chmod(0o755)
+    return bin_dir, log
+
+
+def test_list_makes_one_ssh_call_per_machine(lab):
+    lab.add("m2")
+    for machine, names in (("m1", ("a", "b")), ("m2", ("c", "d"))):
+        for name in names:
+            lab.cli.ok("create", name, "--host", machine, "--agent-cmd", "sleep 600", "--no-connect")
+    bin_dir, log = counting_ssh(lab)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    rows = json.loads(lab.cli.ok("list", "--json", env=env).out)
+    assert sorted(r["name"] for r in rows) == ["a", "b", "c", "d"]
+    assert all(r["state"] == "running" for r in rows)
+    assert len(log.read_text().splitlines()) == 2   # two machines, four agents
+
+
+def test_watcher_on_the_machine_stops_idle_agents_and_may_power_it_off(lab):
+    marker = lab.root / "powered-off"
+    lab.add("m1", allow_shutdown=True, shutdown_command=f"touch {marker}")
+    lab.cli.ok("create", "quiet", "--host", "m1", "--agent-cmd", "sleep 600", "--idle-timeout", "3s",
+               "--no-connect")
+    assert lab.tmux("m1", "has-session", "-t", "=mngr-quiet").returncode == 0
+    # idle timeout 3s, watch interval 1s: stopped within a few seconds more
+    assert wait_for(lambda: lab.tmux("m1", "has-session", "-t", "=mngr-quiet").returncode != 0,
+                    timeout=15)
+    assert wait_for(marker.exists, timeout=5)
+    events = [json.loads(line) for line in
+              (lab.host_dir("m1") / "events" / "watcher.jsonl").read_text().splitlines()]
+    assert [e for e in events if e["event"] == "shutting_down"]
+    assert lab.agents()["quiet"]["state"] == "stopped"
+
+
+def test_unknown_host_key_is_refused_with_its_fingerprint(lab):
+    (lab.cli.home / ".mngr" / "known_hosts").unlink()
+    result = lab.cli("create", "a", "--host", "m1", "--agent-cmd", "sleep 600", "--no-connect")
+    assert result.code == 1
+    assert "unknown host key for machine m1" in result.err and "SHA256:" in result.err
+    assert "--accept-host-key" in result.err and "Traceback" not in result.err
+    assert not lab.host_dir("m1").exists()            # nothing was made
+    assert lab.agents() == {}
+    fingerprint = subprocess.run(["ssh-keygen", "-l", "-f", str(lab.sshd.root / "host_key.pub")],
+                                 capture_output=True, text=True).stdout.split()[1]
+    assert fingerprint in result.err
+    lab.cli.ok("host", "check", "m1", "--accept-host-key")
+    lab.cli.ok("create", "a", "--host", "m1", "--agent-cmd", "sleep 600", "--no-connect")
+
+
+def test_a_changed_host_key_is_refused(lab):
+    known = lab.cli.home / ".mngr" / "known_hosts"
+    other = Sshd(lab.root / "other-sshd")   # keys only: never started
+    known.write_text(f"[{lab.sshd.address}]:{lab.sshd.port} "
+                     + " ".join((other.root / "host_key.pub").read_text().split()[:2]) + "\n")
+    result = lab.cli("host", "check", "m1")
+    assert result.code == 1 and "has changed" in result.err, result.err
+
+
+def test_host_add_list_check_remove(lab):
+    cli = lab.cli
+    target = f"root@{lab.sshd.address}:{lab.sshd.port}"
+    result = cli("host", "add", "box", "--ssh", target, "--identity", lab.sshd.identity, "--in", PROVIDER,
+                 "--host-dir", str(lab.root / "box" / "host"), "--work-root", str(lab.root / "box" / "work"))
+    assert result.code == 0, result.err   # the key is known already
+    rows = {r["name"]: r for r in json.loads(cli.ok("host", "list", "--json").out)}
+    assert rows["box"]["source"] == "added" and rows["box"]["address"] == target
+    assert rows["m1"]["source"] == "settings"
+    assert json.loads(cli.ok("host", "check", "box", "--json").out)["ok"] is True
+    assert cli("host", "add", "box", "--ssh", target, "--in", PROVIDER).code == 1
+    assert cli("host", "remove", "m1").code == 1        # from settings: said so
+    cli.ok("create", "onbox", "--host", "box", "--agent-cmd", "sleep 600", "--no-connect")
+    refused = cli("host", "remove", "box")
+    assert refused.code == 1 and "still has agents" in refused.err
+    cli.ok("destroy", "-f", "onbox")
+    cli.ok("host", "remove", "box")
+    assert "box" not in {r["name"] for r in json.loads(cli.ok("host", "list", "--json").out)}
+    bad = cli("host", "add", "x", "--ssh", "root@:22", "--in", PROVIDER)
+    assert bad.code == 2 and "bad --ssh" in bad.err
+
+
+def test_authentication_refused(lab):
+    (lab.sshd.root / "authorized_keys").write_text("")
+    result = lab.cli("host", "check", "m1")
+    assert result.code == 1 and "refused authentication" in result.err, result.err
+
+
+def test_unreachable_machine_is_exit_75_and_enforce_leaves_it_alone(lab):
+    cli = lab.cli
+    cli.ok("create", "a", "--host", "m1", "--agent-cmd", "sleep 600", "--no-connect",
+           "--idle-timeout", "1s")
+    # the machine goes away: its connections (the control master's among them), then sshd
+    subprocess.run(["pkill", "-TERM", "-P", str(lab.sshd.pid)], capture_output=True)
+    lab.sshd.stop()
+    lab.started.remove(lab.sshd)
+    started = time.monotonic()
+    result = cli("enforce", "--json")
+    assert result.code == 75, result.err
+    assert time.monotonic() - started < 30
+    rows = json.loads(result.out)
+    assert rows[0]["result"] == "error" and "cannot reach machine m1" in rows[0]["error"]
+    audit = [json.loads(line) for line in (cli.home / ".mngr" / "audit.jsonl").read_text().splitlines()]
+    assert audit[-1]["host"] == "m1" and audit[-1]["unreachable"] is True
+    listed = json.loads(cli.ok("list", "--json").out)
+    assert listed[0]["state"] == "unknown" and listed[0]["host_state"] == "unreachable"
+    assert host_state(lab, "m1") == "running"     # not marked stopped on no information
+
+
+def test_enforce_over_a_cut_link_is_bounded_and_acts_on_nothing(lab):
+    from sshd import Netns
+
+    need(subprocess.run(["ip", "netns", "list"], capture_output=True).returncode == 0,
+         "ip netns (iproute2) and root")
+    netns = Netns(f"{os.getpid() % 100000}").create()
+    try:
+        far = Sshd(lab.root / "far-sshd", address=netns.address, netns=netns.name).start()
+        lab.started.append(far)
+        lab.add("far", sshd=far)
+        lab.trust_key(far)
+        lab.cli.ok("create", "near", "--host", "m1", "--agent-cmd", "sleep 600", "--no-connect")
+        lab.cli.ok("create", "away", "--host", "far", "--agent-cmd", "sleep 600", "--no-connect",
+                   "--max-lifetime", "1s")
+        time.sleep(1.5)     # past its max lifetime: enforce would stop it, if it could reach it
+        netns.cut()
+        started = time.monotonic()
+        result = lab.cli("enforce", "--json", timeout=120)
+        took = time.monotonic() - started
+        assert result.code == 75, result.err
+        assert took < 45, took      # connect timeout 3s, call timeout 20s: bounded
+        rows = {r["host"]: r for r in json.loads(result.out)}
+        assert rows["far"]["result"] == "error" and rows["far"]["unreachable"] is True
+        assert rows["m1"]["result"] == "ok"     # the other machine was still handled
+        audit = [json.loads(line) for line in
+                 (lab.cli.home / ".mngr" / "audit.jsonl").read_text().splitlines()]
+        assert any(a["host"] == "far" and a["unreachable"] for a in audit)
+        assert host_state(lab, "far") == "running"     # not marked stopped on no information
+        netns.mend()
+        result = lab.cli("enforce", "--json", timeout=120)
+        rows = {r["host"]: r for r in json.loads(result.out)}
+        assert result.code == 0 and rows["far"]["action"] == "stop" and rows["far"]["result"] == "done"
+        assert host_state(lab, "far") == "stopped"
+        assert lab.tmux("far", "has-session", "-t", "=mngr-away").returncode != 0
+    finally:
+        netns.delete()
+
+
+def test_a_machine_without_python3_is_said_so(lab):
+    # logging in as a user whose shell (/bin/sh) reads no rc file, so PATH stays as set
+    need(have_test_user(), f"the test user {TEST_USER} (make test adds it)")
+    keys = Path(tempfile.mkdtemp(prefix="mngr-sshd-", dir="/tmp"))
+    keys.chmod(0o755)   # readable by that user
+    lab.cleanup.append(lambda: shutil.rmtree(keys, ignore_errors=True))
+    bare = keys / "bare-bin"
+    bare.mkdir(mode=0o755)
+    for tool in ("sh",):   # a shell, and nothing else on PATH: no python3 there
+        os.symlink(shutil.which(tool), bare / tool)
+    nopy = Sshd(keys / "sshd", extra=f"SetEnv PATH={bare}\n").start()
+    lab.started.append(nopy)
+    lab.add("nopy", sshd=nopy, user=TEST_USER, host_dir="~/.mngr-host-nopy", work_root="~/w-nopy")
+    lab.trust_key(nopy)
+    result = lab.cli("create", "a", "--host", "nopy", "--agent-cmd", "sleep 600", "--no-connect")
+    assert result.code == 1
+    assert "machine nopy cannot run agents: python3 is not installed there" in result.err, result.err
+    assert lab.agents() == {} and not Path(f"/home/{TEST_USER}/.mngr-host-nopy").exists()
+    check = lab.cli("host", "check", "nopy")
+    assert check.code == 1 and "python3 is not installed there" in check.err
+
+
+def test_a_full_disk_while_copying_leaves_nothing_behind(lab):
+    work_root = lab.root / "m1" / "work"
+    work_root.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(work_root)],
+                             capture_output=True)
+    need(mounted.returncode == 0, "mounting a tmpfs (root)")
+    try:
+        (lab.cli.work / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+        result = lab.cli("create", "a", "--host", "m1", "--agent-cmd", "sleep 600", "--no-connect")
+        assert result.code == 1
+        assert "to machine m1 failed: its disk is full" in result.err, result.err
+        assert "--exclude" in result.err and "Traceback" not in result.err
+        assert lab.agents() == {}
+        assert list(work_root.iterdir()) == [] and not lab.host_dir("m1").exists()
+        assert not list((lab.cli.home / ".mngr" / "hosts").glob("*/data.json"))
+        # with the big file left out it fits
+        lab.cli.ok("create", "a", "--host", "m1", "--agent-cmd", "sleep 600", "--no-connect",
+                   "--exclude", "*.bin")
+        lab.cli.ok("destroy", "-f", "a")
+    finally:
+        lab.tmux("m1", "kill-server")
+        subprocess.run(["umount", "-l", str(work_root)], capture_output=True)
