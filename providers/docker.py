@@ -65,6 +65,14 @@ class DockerProvider(RecordKeeper):
         self.env = dict(ctx.env)
         if conf.get("docker_host"):
             self.env["DOCKER_HOST"] = str(conf["docker_host"])
+        if str(conf.get("docker_host", "")).startswith("ssh://"):
+            # docker runs ssh itself: give it mngr's ssh options (no prompts, host keys
+            # checked, a bounded connect, one control master per engine)
+            from .ssh import ssh_wrapper
+
+            wrapper = ssh_wrapper(mngr.user_dir(ctx.env), str(conf.get("ssh_identity", "")),
+                                  conf.get("connect_timeout", 10))
+            self.env["PATH"] = f"{wrapper}{os.pathsep}{self.env.get('PATH', os.defpath)}"
         # the network a host gets with net:egress; without it, none
         self.egress_network = str(conf.get("egress_network", "bridge"))
 

@@ -50,6 +50,7 @@ class Lab:
         self.sshd = sshd
         self.root = root
         self.machines = {}
+        self.extra = ""
         self.base = f"watch_interval = 1\n[providers.{PROVIDER}]\nbackend = \"ssh\"\n" \
                     "connect_timeout = 3\ntimeout = 20\n"
 
@@ -60,7 +61,7 @@ class Lab:
     def write(self) -> None:
         config = self.cli.home / ".config" / "mngr"
         config.mkdir(parents=True, exist_ok=True)
-        (config / "settings.toml").write_text(self.base + "".join(self.machines.values()))
+        (config / "settings.toml").write_text(self.base + "".join(self.machines.values()) + self.extra)
 
     def trust_key(self, sshd: Sshd = None) -> None:
         known = self.cli.home / ".mngr" / "known_hosts"
@@ -352,3 +353,44 @@ def test_a_full_disk_while_copying_leaves_nothing_behind(lab):
     finally:
         lab.tmux("m1", "kill-server")
         subprocess.run(["umount", "-l", str(work_root)], capture_output=True)
+
+
+def test_a_docker_engine_reached_over_ssh(lab):
+    from test_docker import IMAGE, docker
+
+    ok = shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    need(bool(ok), "a running Docker engine (make test starts one)")
+    need(docker("image", "inspect", IMAGE, check=False).returncode == 0, f"the test image {IMAGE}")
+    name = f"rd{os.getpid()}"
+    lab.extra = (f"[providers.{name}]\nbackend = \"docker\"\nimage = \"{IMAGE}\"\n"
+                 f"docker_host = \"ssh://root@{lab.sshd.address}:{lab.sshd.port}\"\n"
+                 f"ssh_identity = \"{lab.sshd.identity}\"\n"
+                 "labels = { \"com.imbue.mngr.test\" = \"1\" }\n")
+    lab.write()
+    bin_dir, log = counting_ssh(lab)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    try:
+        lab.cli.ok("create", "boxed", "--in", name, "--agent-cmd", "sleep 600", "--no-connect", env=env)
+        assert log.exists() and len(log.read_text().splitlines()) >= 1   # docker went through ssh
+        rows = json.loads(lab.cli.ok("list", "--json", env=env).out)
+        assert [(r["name"], r["provider"], r["state"]) for r in rows] == [("boxed", name, "running")]
+        ids = docker("ps", "-q", "--filter", f"label=com.imbue.mngr.provider={name}").stdout.split()
+        assert len(ids) == 1
+        assert docker("inspect", "-f", "{{.HostConfig.NetworkMode}}", ids[0]).stdout.strip() == "none"
+        enforced = lab.cli("enforce", "--json", env=env)
+        assert enforced.code == 0, enforced.err
+        lab.cli.ok("stop", "boxed", env=env)
+        assert docker("inspect", "-f", "{{.State.Running}}", ids[0]).stdout.strip() == "false"
+        assert json.loads(lab.cli.ok("list", "--json", env=env).out)[0]["state"] == "stopped"
+        lab.cli.ok("destroy", "-f", "boxed", env=env)
+        assert docker("ps", "-aq", "--filter", f"label=com.imbue.mngr.provider={name}").stdout == ""
+        lab.cli.ok("create", "again", "--in", name, "--agent-cmd", "sleep 600", "--no-connect", env=env)
+        subprocess.run(["pkill", "-TERM", "-P", str(lab.sshd.pid)], capture_output=True)
+        lab.sshd.stop()
+        down = lab.cli("list", env=env)
+        assert down.code == 75, down.err
+        assert f"cannot reach the Docker engine at ssh://root@{lab.sshd.address}" in down.err
+    finally:
+        ids = docker("ps", "-aq", "--filter", f"label=com.imbue.mngr.provider={name}").stdout.split()
+        if ids:
+            docker("rm", "-f", *ids, check=False)
