@@ -234,6 +234,70 @@ def bench_watcher(base_env) -> None:
            interval + 2, "s")
 
 
+def bench_ssh(base_env) -> None:
+    """list over 5 ssh machines with 4 agents each, warm control master, against 5
+    parallel `ssh MACHINE true` with the same options in the same run."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from sshd import Sshd, have_sshd
+
+    if not have_sshd():
+        print(f"{'ssh benchmarks':<48} skipped: needs sshd (openssh-server) and root")
+        return
+    home = Path(tempfile.mkdtemp(prefix="mngr-bench-s-"))
+    sshd = Sshd(home / "sshd").start()
+    env = {**base_env, "HOME": str(home)}
+    sockets = [f"mngr-bench-ssh-{i}" for i in range(5)]
+    try:
+        config = home / ".config" / "mngr"
+        config.mkdir(parents=True)
+        lines = ['[providers.bench]', 'backend = "ssh"']
+        for i, socket in enumerate(sockets):
+            lines += [f"[providers.bench.machines.m{i}]", f'address = "{sshd.address}"',
+                      f"port = {sshd.port}", 'user = "root"', f'identity = "{sshd.identity}"',
+                      f'host_dir = "{home / f"m{i}" / "host"}"', f'work_root = "{home / f"m{i}" / "work"}"',
+                      f'tmux_socket = "{socket}"']
+        (config / "settings.toml").write_text("\n".join(lines) + "\n")
+        (home / ".mngr").mkdir()
+        (home / ".mngr" / "known_hosts").write_text(sshd.known_hosts_line())
+        (home / "work").mkdir()
+        for i in range(5):
+            for j in range(4):
+                subprocess.run([PY, str(REPO / "mngr.py"), "create", f"a{i}x{j}", "--host", f"m{i}",
+                                "--no-connect", "--agent-cmd", "sleep 600"], env=env, cwd=home / "work",
+                               check=True, stdout=subprocess.DEVNULL)
+        shim = home / "shim"
+        shim.mkdir()
+        calls = home / "ssh-calls"
+        (shim / "ssh").write_text(f'#!/bin/sh\necho call >> {calls}\nexec {shutil.which("ssh")} "$@"\n')
+        (shim / "ssh").chmod(0o755)
+        listed = timed([PY, "-m", "mngr", "list", "--json"], {**env, "PATH": f"{shim}:{env['PATH']}"},
+                       runs=5)
+        count = len(calls.read_text().splitlines()) // 5
+        import mngr
+
+        mngr._ensure_builtin_providers_importable()
+        from mngr_providers.ssh import ssh_options
+
+        one = ["ssh", *ssh_options(home / ".mngr", sshd.identity), "-p", str(sshd.port), "-l", "root",
+               sshd.address, "true"]
+        bare = []
+        for _ in range(5):
+            start = time.perf_counter()
+            procs = [subprocess.Popen(one, env=env, stdout=subprocess.DEVNULL) for _ in range(5)]
+            for proc in procs:
+                proc.wait()
+            bare.append(time.perf_counter() - start)
+        parallel = statistics.median(bare)
+        print(f"{'mngr list, 5 ssh machines x 4 agents':<48} {listed * 1000:8.0f}ms  ({count} ssh calls a run)")
+        print(f"{'5 parallel ssh MACHINE true (warm)':<48} {parallel * 1000:8.0f}ms")
+        report("mngr list over ssh / 5 parallel ssh true", listed / parallel, 2.0)
+    finally:
+        for socket in sockets:
+            subprocess.run(["tmux", "-L", socket, "kill-server"], stderr=subprocess.DEVNULL)
+        sshd.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="mngr-bench-"))
     tmux_dir = Path(tempfile.mkdtemp(prefix="mb", dir="/tmp"))
@@ -257,6 +321,7 @@ def main() -> int:
         bench_decide()
         bench_enforce(env, home)
         bench_docker(env)
+        bench_ssh(env)
         bench_watcher(env)
     finally:
         subprocess.run(["tmux", "-L", "mngr-bench", "kill-server"], env=env,
