@@ -1296,6 +1296,8 @@ class Watcher:
             # measured from this boot at the earliest: stale activity cannot stop a fresh host
             state_since=max(float(payload.get("state_since") or 0.0), self.boot),
             certified_boot_time=self.boot,
+            # the host's creation, so a machine up for weeks is not past its max lifetime
+            certified_created_at=_number_or_none(payload.get("created_at")),
             signed_created_at=max(created) if created else None,
             process_alive=bool(live), reported=tuple(sorted(reported)),
             deploy_lock_since=deploy_lock_since(self.host_dir))
@@ -1521,6 +1523,10 @@ def _deploy_files_and_start(host_dir: HostDir, root: Path, tar_bytes: bytes, sta
         started[agent_id] = start_agent_session(host_dir, record, tmux, sys.executable)
     print(json.dumps({"started": started}))
     return EXIT_OK
+
+
+def _number_or_none(value):
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def default_shutdown_command() -> str:

@@ -245,8 +245,11 @@ def prelude(machine: Machine) -> str:
         user = machine.agent_user
         who = (f"H=$(getent passwd {user} | cut -d: -f6); "
                f"[ -n \"$H\" ] || {{ echo 'no user {user} on this machine' >&2; exit {EXIT_NO_AGENT_USER}; }}; "
-               f"if [ \"$(id -un)\" = {user} ]; then AS=; elif [ \"$(id -u)\" = 0 ]; "
-               f"then AS='runuser -u {user} --'; else AS='sudo -n -u {user} --'; fi; ")
+               # a clean environment: nothing of the user mngr logs in as reaches the agents
+               f"CLEAN=\"env -i HOME=$H USER={user} LOGNAME={user} LANG=C.UTF-8 "
+               f"PATH=/usr/local/bin:/usr/bin:/bin\"; "
+               f"if [ \"$(id -un)\" = {user} ]; then AS=$CLEAN; elif [ \"$(id -u)\" = 0 ]; "
+               f"then AS=\"runuser -u {user} -- $CLEAN\"; else AS=\"sudo -n -u {user} -- $CLEAN\"; fi; ")
     else:
         who = 'H=$HOME; AS=; '
     return who + f"D={_home_path(machine.host_dir)}; W={_home_path(machine.work_root)}; "
@@ -789,8 +792,8 @@ class SshProvider(RecordKeeper):
                   + "; S=$?; ")
         if kill_all:
             script += f"$AS tmux -L {shlex.quote(machine.tmux_socket)} kill-server 2>/dev/null; S=0; "
-        if machine.agent_user:  # the agents' user keeps nothing running
-            script += f"[ -n \"$AS\" ] && pkill -KILL -u {machine.agent_user}; "
+        if machine.agent_user:  # the agents' user keeps nothing running (unless it is us)
+            script += f"[ \"$(id -un)\" = {machine.agent_user} ] || pkill -KILL -u {machine.agent_user}; "
         if power_off and machine.allow_shutdown:
             script += (machine.shutdown_command or 'if [ "$(id -u)" = 0 ]; then shutdown -h now; '
                        'else sudo -n shutdown -h now; fi') + "; "

@@ -394,3 +394,44 @@ def test_a_docker_engine_reached_over_ssh(lab):
         ids = docker("ps", "-aq", "--filter", f"label=com.imbue.mngr.provider={name}").stdout.split()
         if ids:
             docker("rm", "-f", *ids, check=False)
+
+
+def test_untrusted_machine_runs_agents_as_agent_user_and_enforce_kills_them_all(lab):
+    need(have_test_user(), f"the test user {TEST_USER} (make test adds it)")
+    refused = lab.cli("create", "a", "--host", "m1", "--trust", "untrusted", "--agent-cmd", "sleep 600",
+                      "--no-connect")
+    assert refused.code == 1 and "has no agent_user" in refused.err, refused.err
+    tag = f"{os.getpid()}-{lab.cli.socket[-6:]}"
+    home = Path(f"/home/{TEST_USER}")
+    lab.cleanup.append(lambda: subprocess.run(["rm", "-rf", str(home / f".mngr-host-{tag}"),
+                                               str(home / f"w-{tag}")]))
+    lab.add("ua", agent_user=TEST_USER, host_dir=f"~/.mngr-host-{tag}", work_root=f"~/w-{tag}")
+
+    def as_agent_user(*argv):
+        return subprocess.run(["runuser", "-u", TEST_USER, "--", *argv], capture_output=True, text=True,
+                              timeout=10)
+    lab.cleanup.append(lambda: as_agent_user("tmux", "-L", f"{lab.cli.socket}-ua", "kill-server"))
+    # the agent leaves a process behind outside tmux, as hostile code would
+    lab.cli.ok("create", "hostile", "--host", "ua", "--trust", "untrusted", "--max-lifetime", "3s",
+               "--agent-cmd", f"setsid sleep 997{os.getpid() % 10} & sleep 600", "--no-connect")
+    row = lab.agents()["hostile"]
+    assert row["state"] == "running" and row["work_dir"].startswith(str(home))
+    assert as_agent_user("tmux", "-L", f"{lab.cli.socket}-ua", "has-session", "-t", "=mngr-hostile"
+                         ).returncode == 0
+    stray = f"sleep 997{os.getpid() % 10}"
+    assert wait_for(lambda: subprocess.run(["pgrep", "-u", TEST_USER, "-f", stray],
+                                           capture_output=True).returncode == 0, timeout=5)
+    # the agent kills the machine's watcher: enforce outside is what stops it
+    pid_file = home / f".mngr-host-{tag}" / "watcher.pid"
+    if pid_file.exists():
+        as_agent_user("kill", pid_file.read_text().strip())
+    time.sleep(3.5)
+    result = lab.cli("enforce", "--json")
+    rows = {r["host"]: r for r in json.loads(result.out)}
+    assert rows["ua"]["action"] == "stop" and rows["ua"]["result"] == "done", result.out + result.err
+    assert "max lifetime" in rows["ua"]["reason"]
+    assert wait_for(lambda: subprocess.run(["pgrep", "-u", TEST_USER], capture_output=True).returncode != 0,
+                    timeout=5)   # nothing of the agents' user survives, the stray process included
+    assert host_state(lab, "ua") == "stopped"
+    lab.cli.ok("destroy", "-f", "hostile")
+    assert not (home / f".mngr-host-{tag}").exists()
