@@ -13,6 +13,7 @@ container, and one `docker exec` per running host, in parallel.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import io
 import json
 import os
@@ -34,10 +35,15 @@ WORK_ROOT = "/work"             # agents' work dirs inside containers
 SOCKET = mngr.DEFAULT_ROOT_NAME  # the tmux socket inside containers
 STOP_TIMEOUT = 30               # seconds docker stop waits for PID 1's stop hooks
 READY_TIMEOUT = 60.0
+DEFAULT_BASE = "debian:bookworm-slim"
+# what a host needs, installed only where the base image lacks it (so a base that has
+# it already builds offline)
 DEFAULT_DOCKERFILE = """\
-FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends \\
-        python3 tmux procps git ca-certificates && rm -rf /var/lib/apt/lists/*
+ARG BASE=debian:bookworm-slim
+FROM ${BASE}
+RUN command -v python3 >/dev/null && command -v tmux >/dev/null && command -v ps >/dev/null \\
+    || { apt-get update && apt-get install -y --no-install-recommends \\
+         python3 tmux procps git ca-certificates && rm -rf /var/lib/apt/lists/*; }
 """
 SNAPSHOT_REPO = "mngr-snapshot"
 UNREACHABLE = ("Cannot connect to the Docker daemon", "error during connect",
@@ -334,10 +340,13 @@ class DockerProvider(RecordKeeper):
                     "--label", f"{LABEL}.build-provider={self.name}"]
             context = str(Path(args.dockerfile).resolve().parent)
         else:
-            tag = f"mngr-default:{mngr.__version__}"
+            base = str(self.conf.get("base_image") or DEFAULT_BASE)
+            tag = f"mngr-default:{mngr.__version__}" + (
+                "" if base == DEFAULT_BASE else "-" + hashlib.sha256(base.encode()).hexdigest()[:8])
             if self.docker("image", "inspect", tag, check=False).returncode == 0:
                 return tag
-            argv = ["build", "-t", tag, "-"]
+            argv = ["build", "-t", tag, "--build-arg", f"BASE={base}",
+                    "--label", f"{LABEL}.build-provider={self.name}", "-"]
             context = None
         for item in args.build_arg:
             argv += ["--build-arg", item]

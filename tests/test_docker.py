@@ -184,6 +184,21 @@ def test_an_image_without_python3_is_a_clear_create_error(dk, tmp_path):
                   ).stdout.split() == []
 
 
+def test_without_an_image_the_default_one_is_built_offline(dk):
+    # the embedded Dockerfile on a base that has python3 and tmux already: no apt, no network
+    settings = dk.home / ".config" / "mngr" / "settings.toml"
+    settings.write_text(settings.read_text().replace(f'image = "{IMAGE}"', f'base_image = "{IMAGE}"'))
+    created = dk("create", "plain", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect")
+    assert created.code == 0, created.err
+    built = docker("images", "--filter", f"label=com.imbue.mngr.build-provider={dk.provider}",
+                   "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
+    assert len(built) == 1 and built[0].startswith("mngr-default:")
+    assert rows(dk)["plain"]["state"] == "running"
+    dk.ok("create", "plain2", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect")
+    assert docker("images", "-q", "--filter", f"label=com.imbue.mngr.build-provider={dk.provider}"
+                  ).stdout.split() == docker("images", "-q", built[0]).stdout.split()   # reused
+
+
 def test_snapshots_create_list_start_from_and_destroy(dk):
     dk.ok("create", "snap", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect")
     dk.ok("exec", "snap", "--", "echo v1 > state")
