@@ -1378,6 +1378,8 @@ class Watcher:
             run_hooks(self.host_dir.hooks / "boot", hooks_log, "boot")
             run_hooks(self.host_dir.hooks / "post_services", hooks_log, "post_services")
             while not self.stopping:
+                if not self.host_dir.data.parent.is_dir():
+                    break  # the host dir is gone (the host was destroyed): nothing left to watch
                 try:
                     outcome = self.round()
                 except (MngrError, OSError, ValueError, KeyError, TypeError) as exc:

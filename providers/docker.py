@@ -27,7 +27,7 @@ from pathlib import Path
 
 import mngr
 
-from .remote import RecordKeeper, clean_report, one_at_a_time
+from .remote import CopyPlan, RecordKeeper, clean_report, need_terminal, one_at_a_time
 
 LABEL = "com.imbue.mngr"
 HOST_DIR = "/mngr"              # the host dir inside every container
@@ -51,15 +51,7 @@ UNREACHABLE = ("Cannot connect to the Docker daemon", "error during connect",
 
 
 @dataclass(frozen=True)
-class DockerPlan:
-    name: str
-    agent_type: str
-    command: str
-    env: dict
-    source_dir: Path
-    excludes: tuple
-    args: object
-    permissions: tuple = ()
+class DockerPlan(CopyPlan):
     mounts: tuple = ()
 
 
@@ -672,11 +664,7 @@ class DockerProvider(RecordKeeper):
                         what=f"exec in {view.record.name}").returncode
 
     def attach(self, view) -> int:
-        import sys
-
-        if not sys.stdin.isatty():
-            raise mngr.RefusedError("cannot attach: stdin is not a terminal",
-                                    f"run it from a terminal: mngr connect {view.record.name}")
+        need_terminal(view)
         container = self._container(view)
         self._exec(container, "touch", f"{HOST_DIR}/activity/user", check=False)
         return mngr.run(["docker", "exec", "-it", container, "tmux", "-L", SOCKET, "attach-session",

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mngr
@@ -32,6 +32,20 @@ def one_at_a_time(method):
         finally:
             self._held.discard(host.record.id)
     return locked
+
+
+@dataclass(frozen=True)
+class CopyPlan:
+    """An agent to make on a host that gets a copy of its source dir."""
+
+    name: str
+    agent_type: str
+    command: str
+    env: dict
+    source_dir: Path
+    excludes: tuple
+    args: object
+    permissions: tuple = ()
 
 
 class RecordKeeper:
@@ -244,6 +258,15 @@ def _number(value, where: str):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{where} is not a number")
     return float(value)
+
+
+def need_terminal(view) -> None:
+    """Attaching needs a terminal: refuse, saying how, when stdin is not one."""
+    import sys
+
+    if not sys.stdin.isatty():
+        raise mngr.RefusedError("cannot attach: stdin is not a terminal",
+                                f"run it from a terminal: mngr connect {view.record.name}")
 
 
 def clean_report(raw) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import mngr
 
-from .remote import RecordKeeper, clean_report, one_at_a_time
+from .remote import CopyPlan, RecordKeeper, clean_report, need_terminal, one_at_a_time
 
 CONTROL_PERSIST = 300          # seconds an idle control master stays up
 CONNECT_TIMEOUT = 10           # seconds to set up a connection
@@ -208,7 +208,8 @@ class Ssh:
             return mngr.RefusedError(
                 f"machine {machine.name} ({machine.where}) refused authentication",
                 "check its user and identity file (mngr host list) and its authorized_keys")
-        return mngr.UnreachableError(f"cannot reach machine {machine.name} ({machine.where}): {tail}",
+        return mngr.UnreachableError(f"cannot reach machine {machine.name} ({machine.where}): {tail} "
+                                     f"(connect timeout {self.connect_timeout:g}s)",
                                      "is it up, and sshd running? mngr enforce retries on its next run")
 
     def fingerprint(self, machine: Machine) -> str:
@@ -272,16 +273,8 @@ MACHINE_EXIT_REASONS = {mngr.EXIT_INIT_NO_PYTHON: "python3 is not installed ther
 
 
 @dataclass(frozen=True)
-class SshPlan:
-    name: str
-    agent_type: str
-    command: str
-    env: dict
-    source_dir: Path
-    excludes: tuple
-    args: object
-    machine: Machine
-    permissions: tuple = ()
+class SshPlan(CopyPlan):
+    machine: Machine = None
 
 
 class SshProvider(RecordKeeper):
@@ -504,8 +497,8 @@ class SshProvider(RecordKeeper):
         if policy.trust == "untrusted" and not mngr.grants(permissions, "net", "egress"):
             mngr.warn(f"machine {machine.name} is not cut off from the network: "
                       "its agents can reach whatever it can")
-        return SshPlan(name, agent_type, command, env, source, tuple(args.exclude), args, machine,
-                       permissions)
+        return SshPlan(name, agent_type, command, env, source, tuple(args.exclude), args, permissions,
+                       machine)
 
     def create_agent(self, plan: SshPlan, host=None):
         machine = plan.machine
@@ -848,11 +841,7 @@ class SshProvider(RecordKeeper):
                         what=f"exec in {view.record.name}").returncode
 
     def attach(self, view) -> int:
-        import sys
-
-        if not sys.stdin.isatty():
-            raise mngr.RefusedError("cannot attach: stdin is not a terminal",
-                                    f"run it from a terminal: mngr connect {view.record.name}")
+        need_terminal(view)
         machine = self._reachable(view)
         script = (prelude(machine) + '$AS touch "$D/activity/user"; exec $AS tmux -L '
                   + shlex.quote(machine.tmux_socket) + " attach-session -t "

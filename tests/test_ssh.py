@@ -435,3 +435,19 @@ def test_untrusted_machine_runs_agents_as_agent_user_and_enforce_kills_them_all(
     assert host_state(lab, "ua") == "stopped"
     lab.cli.ok("destroy", "-f", "hostile")
     assert not (home / f".mngr-host-{tag}").exists()
+
+
+def test_enforce_powers_off_an_idle_machine_that_allows_it(lab):
+    marker = lab.root / "powered-off-by-enforce"
+    lab.add("m1", allow_shutdown=True, shutdown_command=f"touch {marker}")
+    lab.cli.ok("create", "a", "--host", "m1", "--agent-cmd", "sleep 600", "--max-lifetime", "2s",
+               "--no-connect")
+    pid_file = lab.host_dir("m1") / "watcher.pid"
+    assert wait_for(pid_file.exists, timeout=5)
+    os.kill(int(pid_file.read_text()), 9)   # the watcher is gone: enforce is the backstop
+    time.sleep(2.5)
+    result = lab.cli("enforce", "--json")
+    row = json.loads(result.out)[0]
+    assert result.code == 0 and row["action"] == "stop" and row["result"] == "done", result.out
+    assert marker.exists()
+    assert host_state(lab, "m1") == "stopped"
