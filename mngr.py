@@ -1987,7 +1987,8 @@ def git_is_dirty(path: Path) -> bool:
 
 BUILTIN_PROVIDERS = {"local": "mngr_providers.local:LocalProvider",
                      "docker": "mngr_providers.docker:DockerProvider",
-                     "ssh": "mngr_providers.ssh:SshProvider"}
+                     "ssh": "mngr_providers.ssh:SshProvider",
+                     "aws": "mngr_providers.aws:AwsProvider"}
 BUILTIN_PLUGINS = {"claude": "mngr:ClaudeAgentType", "codex": "mngr:CodexAgentType",
                    "core-permissions": "mngr:CorePermissions"}
 PLUGIN_GROUPS = ("mngr.plugins", "mngr.providers")
@@ -3477,7 +3478,7 @@ def cmd_plugin(args, ctx) -> int:
 
 def _machine_providers(ctx, name=None) -> list:
     """The provider instances whose hosts are machines (they list them without connecting)."""
-    found = [p for p in ctx.providers() if hasattr(p, "machines") and not isinstance(p, DisabledProvider)]
+    found = [p for p in ctx.providers() if getattr(p, "has_machines", False)]
     if name is not None:
         found = [p for p in found if p.name == name]
         if not found:

@@ -43,7 +43,7 @@ FACTS_MARK = "mngr-facts"
 NO_REPORT_MARK = "mngr-no-host-dir"
 MACHINE_KEYS = {"address": str, "port": int, "user": str, "identity": str, "host_dir": str,
                 "work_root": str, "tmux_socket": str, "allow_shutdown": bool,
-                "shutdown_command": str, "agent_user": str}
+                "shutdown_command": str, "agent_user": str, "proxy_jump": str}
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,9 @@ class Machine:
     allow_shutdown: bool = False
     shutdown_command: str = ""          # default: shutdown -h now (through sudo when not root)
     agent_user: str = ""
+    proxy_jump: str = ""                # ssh -J: reach it through this host
     source: str = "settings"            # settings, or added (by mngr host add)
+    known_hosts: str = ""               # a host's own known_hosts file (cloud hosts), else mngr's
 
     @property
     def where(self) -> str:
@@ -124,14 +126,14 @@ def known_hosts(user_dir: Path) -> Path:
 
 
 def ssh_options(user_dir: Path, identity: str = "", connect_timeout=CONNECT_TIMEOUT,
-                accept_new: bool = False) -> list:
+                accept_new: bool = False, known: str = "") -> list:
     """The options of every ssh mngr runs: no prompts, a bounded connect, host keys
     checked against mngr's known_hosts and the user's, one control master per
     machine. The user's own ssh config and agent still apply."""
     options = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(connect_timeout)}",
                "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=2",
                "-o", "StrictHostKeyChecking=" + ("accept-new" if accept_new else "yes"),
-               "-o", f"UserKnownHostsFile={known_hosts(user_dir)} ~/.ssh/known_hosts",
+               "-o", f"UserKnownHostsFile={known or known_hosts(user_dir)} ~/.ssh/known_hosts",
                "-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir(user_dir)}/%C",
                "-o", f"ControlPersist={CONTROL_PERSIST}"]
     if identity:
@@ -166,10 +168,12 @@ class Ssh:
         self.calls = 0
 
     def argv(self, machine: Machine, remote: str, tty: bool = False, accept_new: bool = False) -> list:
-        argv = ["ssh", *ssh_options(self.user_dir, machine.identity, self.connect_timeout, accept_new),
-                "-p", str(machine.port)]
+        argv = ["ssh", *ssh_options(self.user_dir, machine.identity, self.connect_timeout, accept_new,
+                                    machine.known_hosts), "-p", str(machine.port)]
         if machine.user:
             argv += ["-l", machine.user]
+        if machine.proxy_jump:
+            argv += ["-J", machine.proxy_jump]
         argv += ["-t" if tty else "-T", "--", machine.address, remote]
         return argv
 
@@ -279,6 +283,8 @@ class SshPlan(CopyPlan):
 
 class SshProvider(RecordKeeper):
     backend = "ssh"
+    has_machines = True         # its hosts are machines named in settings or by host add
+    default_trust = "trusted"   # your own machines
 
     def __init__(self, name: str, conf: dict, ctx):
         super().__init__(name, conf, ctx)
@@ -288,7 +294,7 @@ class SshProvider(RecordKeeper):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise mngr.ConfigError(f"settings [providers.{name}]: {key} must be a positive number")
         self.ssh = Ssh(ctx, connect, float(timeout))
-        trust = conf.get("trust", "trusted")
+        trust = conf.get("trust", self.default_trust)
         if trust not in mngr.TRUST_LEVELS:
             raise mngr.ConfigError(f"settings [providers.{name}]: trust must be trusted or untrusted")
         self.trust = trust
@@ -388,6 +394,10 @@ class SshProvider(RecordKeeper):
         tail = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
         return mngr.CommandFailedError(f"on machine {machine.name}: {tail}", detail=result.stderr)
 
+    def _known_machine(self, host):
+        """The host's machine, or None when it is no longer configured."""
+        return self.machines().get(host.record.name)
+
     def _machine_of(self, host) -> Machine:
         return self.machine(host.record.name if isinstance(host, mngr.HostView) else host.name)
 
@@ -476,19 +486,11 @@ class SshProvider(RecordKeeper):
             raise mngr.UsageError(f"which machine of provider {self.name}?",
                                   "pass --host MACHINE; see mngr host list" if machines
                                   else "add one: mngr host add NAME --ssh user@host[:port]")
-        name, agent_type, command, env, permissions = mngr.agent_basics(self.ctx, args, name,
-                                                                        programs_here=False)
-        if args.mount or args.image or args.dockerfile or args.snapshot or args.start_arg:
-            raise mngr.UsageError("--mount, --image, --dockerfile, --snapshot and -s are for "
-                                  "container hosts", f"drop them for machine {machine.name}")
-        if args.work_mode in ("in_place", "worktree") or args.target or args.base_branch \
-                or args.new_branch:
-            raise mngr.UsageError("a machine gets a copy of the source dir",
-                                  "drop --in-place/--worktree/--target/--base-branch/--new-branch")
-        source = Path(args.source or self.ctx.cwd).resolve()
-        if not source.is_dir():
-            raise mngr.UsageError(f"source dir {source} does not exist", "give an existing --source DIR")
-        policy = mngr.apply_policy_flags(self.default_policy(), args)
+        if args.snapshot:
+            raise mngr.UsageError("--snapshot is for container and cloud hosts",
+                                  f"drop it for machine {machine.name}")
+        name, agent_type, command, env, permissions, source, policy = self._copy_basics(
+            args, name, f"machine {machine.name}")
         if policy.trust == "untrusted" and not machine.agent_user:
             raise mngr.RefusedError(
                 f"machine {machine.name} is untrusted but has no agent_user",
@@ -499,6 +501,24 @@ class SshProvider(RecordKeeper):
                       "its agents can reach whatever it can")
         return SshPlan(name, agent_type, command, env, source, tuple(args.exclude), args, permissions,
                        machine)
+
+    def _copy_basics(self, args, name, what: str):
+        """What every agent on a host reached over ssh needs, checked: the agent's basics,
+        its source dir, and the new host's policy."""
+        name, agent_type, command, env, permissions = mngr.agent_basics(self.ctx, args, name,
+                                                                        programs_here=False)
+        if args.mount or args.image or args.dockerfile or args.start_arg:
+            raise mngr.UsageError("--mount, --image, --dockerfile and -s are for container hosts",
+                                  f"drop them for {what}")
+        if args.work_mode in ("in_place", "worktree") or args.target or args.base_branch \
+                or args.new_branch:
+            raise mngr.UsageError(f"{what} gets a copy of the source dir",
+                                  "drop --in-place/--worktree/--target/--base-branch/--new-branch")
+        source = Path(args.source or self.ctx.cwd).resolve()
+        if not source.is_dir():
+            raise mngr.UsageError(f"source dir {source} does not exist", "give an existing --source DIR")
+        policy = mngr.apply_policy_flags(self.default_policy(), args)
+        return name, agent_type, command, env, permissions, source, policy
 
     def create_agent(self, plan: SshPlan, host=None):
         machine = plan.machine
@@ -861,7 +881,7 @@ class SshProvider(RecordKeeper):
         agent = mngr.agent_info(view.record, info, view.state)
         self.ctx.hook("on_before_agent_destroy", agent)
         remaining = tuple(a for a in record.agents if a != view.record.id)
-        machine = self._machine_of(host) if record.name in self.machines() else None
+        machine = self._known_machine(host)
         if machine is not None and host.reachable:
             try:
                 self.tmux(machine).kill(view.record.session)

@@ -1,0 +1,283 @@
+"""The AWS provider through the real aws CLI against a local EC2 emulator.
+
+The emulator's instances are not machines and their addresses are made up:
+every ssh goes through address_override to this test's own sshd on a
+loopback port, which accepts the key pairs mngr made (as EC2 would put them
+into an instance). Nothing here connects to an address the emulator returns.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import need, wait_for
+from sshd import Sshd, free_port, have_sshd, wait_port
+
+PROVIDER = "cloud"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def have_emulator() -> bool:
+    probe = subprocess.run([sys.executable, "-c", "import moto.server, flask"], capture_output=True)
+    return probe.returncode == 0 and shutil.which("aws") is not None
+
+
+class Emulator:
+    """moto_server on a free loopback port, stopped by pid."""
+
+    def __init__(self, root: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = root / "moto.log"
+        self.proc = None
+
+    def start(self) -> "Emulator":
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                      "-p", str(self.port)], stdout=open(self.log, "wb"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        assert wait_port("127.0.0.1", self.port, timeout=30), self.log.read_text()[-500:]
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+
+    def ec2(self, *args):
+        result = subprocess.run(["aws", "--output", "json", "--endpoint-url", self.url, "ec2", *args],
+                                capture_output=True, text=True, timeout=60, env={**os.environ, **CREDENTIALS})
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout) if result.stdout.strip() else {}
+
+    def instances(self, *filters) -> list:
+        data = self.ec2("describe-instances", *(["--filters", *filters] if filters else []))
+        return [i for r in data["Reservations"] for i in r["Instances"]]
+
+
+class Cloud:
+    def __init__(self, cli, emulator: Emulator, sshd: Sshd, root: Path, ami: str):
+        self.cli, self.emulator, self.sshd, self.root, self.ami = cli, emulator, sshd, root, ami
+        self.extra = {}
+
+    def write(self, **extra) -> None:
+        self.extra.update(extra)
+        conf = {"backend": "aws", "region": "us-east-1", "endpoint_url": self.emulator.url,
+                "ami": self.ami, "ssh_user": "root", "connect_timeout": 3, "timeout": 30,
+                "ready_timeout": 20, "address_override": f"{self.sshd.address}:{self.sshd.port}",
+                "host_dir": str(self.root / "hosts" / "{host}" / "host"),
+                "work_root": str(self.root / "hosts" / "{host}" / "work"),
+                "tmux_socket": f"{self.cli.socket}-{{host}}",
+                "shutdown_command": f"touch {self.root}/powered-off-{{host}}", **self.extra}
+        config = self.cli.home / ".config" / "mngr"
+        config.mkdir(parents=True, exist_ok=True)
+        (config / "settings.toml").write_text(f"watch_interval = 1\n[providers.{PROVIDER}]\n" + "".join(
+            f"{k} = {json.dumps(v)}\n" for k, v in conf.items()))
+
+    def tmux(self, host: str, *args):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TMUX")}
+        return subprocess.run(["tmux", "-L", f"{self.cli.socket}-{host}", *args], capture_output=True,
+                              text=True, env=env, timeout=10)
+
+    def agents(self) -> dict:
+        return {r["name"]: r for r in json.loads(self.cli.ok("list", "--json").out)}
+
+    def instance_of(self, host_id: str) -> dict:
+        found = self.emulator.instances(f"Name=tag:mngr:host-id,Values={host_id}")
+        return max(found, key=lambda i: i["LaunchTime"])
+
+
+@pytest.fixture
+def cloud(mngr_cli, tmp_path):
+    need(have_sshd(), "sshd (openssh-server) and root")
+    need(have_emulator(), "the aws CLI and moto[server] (make test installs them into .venv)")
+    emulator = Emulator(tmp_path).start()
+    # the "instances": this sshd, which takes the key pairs mngr makes, as EC2 would
+    keys = mngr_cli.home / ".ssh" / "mngr"
+    # sshd runs it only from a path no one else can write: not under /tmp
+    safe = Path(tempfile.mkdtemp(prefix="mngr-test-keys-", dir="/run"))
+    safe.chmod(0o755)
+    command = safe / "keys-command"
+    command.write_text(f"#!/bin/sh\ncat {keys}/*.pub 2>/dev/null; exit 0\n")
+    command.chmod(0o755)
+    sshd = Sshd(tmp_path / "sshd", extra=f"AuthorizedKeysCommand {command}\n"
+                                         "AuthorizedKeysCommandUser root\n").start()
+    mngr_cli.env.update(CREDENTIALS)
+    ami = emulator.ec2("describe-images", "--owners", "amazon")["Images"][0]["ImageId"]
+    cloud = Cloud(mngr_cli, emulator, sshd, tmp_path / "cloud", ami)
+    cloud.write()
+    yield cloud
+    for host in (tmp_path / "cloud" / "hosts").glob("*") if (tmp_path / "cloud" / "hosts").exists() else []:
+        cloud.tmux(host.name, "kill-server")
+        pid = host / "host" / "watcher.pid"
+        if pid.exists():
+            try:
+                os.kill(int(pid.read_text()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+    sshd.stop()
+    emulator.stop()
+    shutil.rmtree(safe, ignore_errors=True)
+
+
+def test_create_tags_the_instance_and_runs_the_agent(cloud):
+    row = json.loads(cloud.cli.ok("create", "web", "--in", PROVIDER, "--agent-cmd", "cat",
+                                  "--no-connect", "--json").out)
+    assert row["provider"] == PROVIDER and row["state"] == "running"
+    inst = cloud.instance_of(row["host_id"])
+    tags = {t["Key"]: t["Value"] for t in inst["Tags"]}
+    assert tags["mngr:host-id"] == row["host_id"] and tags["mngr:host-name"] == "web"
+    assert tags["mngr:provider"] == PROVIDER and "@" in tags["mngr:created-by"]
+    assert inst["MetadataOptions"]["HttpTokens"] == "required"
+    behaviour = cloud.emulator.ec2("describe-instance-attribute", "--instance-id", inst["InstanceId"],
+                                   "--attribute", "instanceInitiatedShutdownBehavior")
+    assert behaviour["InstanceInitiatedShutdownBehavior"]["Value"] == "stop"
+    key = cloud.cli.home / ".ssh" / "mngr" / row["host_id"]
+    assert key.exists() and key.stat().st_mode & 0o777 == 0o600
+    assert inst["KeyName"] == f"mngr-{row['host_id']}"
+    assert cloud.tmux("web", "has-session", "-t", "=mngr-web").returncode == 0
+    cloud.cli.ok("message", "web", "-m", "hello instance")
+    assert wait_for(lambda: "hello instance" in cloud.cli.ok("logs", "web").out, timeout=10)
+
+
+def counting_aws(cloud):
+    bin_dir = cloud.root / "count-bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    log = cloud.root / "aws-calls"
+    (bin_dir / "aws").write_text(f'#!/bin/sh\nfor a in "$@"; do case "$a" in *-*-*|*-*) ;; esac; done\n'
+                                 f'echo "$*" >> {log}\nexec {shutil.which("aws")} "$@"\n')
+    (bin_dir / "aws").chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}, log
+
+
+def test_list_is_one_describe_instances_call(cloud):
+    for name in ("a", "b", "c"):
+        cloud.cli.ok("create", name, "--in", PROVIDER, "--agent-cmd", "sleep 600", "--no-connect")
+    env, log = counting_aws(cloud)
+    rows = json.loads(cloud.cli.ok("list", "--json", env=env).out)
+    assert sorted(r["name"] for r in rows) == ["a", "b", "c"]
+    assert all(r["state"] == "running" and r["host_state"] == "running" for r in rows)
+    calls = log.read_text().splitlines()
+    assert len(calls) == 1 and " ec2 describe-instances " in f" {calls[0]} "
+
+
+def test_stop_and_start_map_instance_states(cloud):
+    row = json.loads(cloud.cli.ok("create", "s", "--in", PROVIDER, "--agent-cmd", "sleep 600",
+                                  "--no-connect", "--json").out)
+    cloud.cli.ok("stop", "s")
+    assert cloud.instance_of(row["host_id"])["State"]["Name"] == "stopped"
+    agents = cloud.agents()
+    assert agents["s"]["host_state"] == "stopped" and agents["s"]["state"] == "stopped"
+    cloud.cli.ok("start", "s")
+    assert cloud.instance_of(row["host_id"])["State"]["Name"] == "running"
+    agents = cloud.agents()
+    assert agents["s"]["host_state"] == "running" and agents["s"]["state"] == "running"
+    assert agents["s"]["verified"] is True
+
+
+def test_snapshots_create_list_start_from_and_destroy(cloud):
+    row = json.loads(cloud.cli.ok("create", "snap", "--in", PROVIDER, "--agent-cmd", "sleep 600",
+                                  "--no-connect", "--json").out)
+    first = cloud.instance_of(row["host_id"])["InstanceId"]
+    made = json.loads(cloud.cli.ok("snapshot", "create", "snap", "--json").out)
+    made = made[0] if isinstance(made, list) else made
+    listed = json.loads(cloud.cli.ok("snapshot", "list", "--json").out)
+    assert [s["id"] for s in listed] == [made["id"]] and listed[0]["host"] == "snap"
+    image = cloud.emulator.ec2("describe-images", "--image-ids", made["image"])["Images"][0]
+    assert {t["Key"]: t["Value"] for t in image["Tags"]}["mngr:host-id"] == row["host_id"]
+    cloud.cli.ok("stop", "snap")
+    cloud.cli.ok("start", "snap", "--snapshot", made["id"])
+    second = cloud.instance_of(row["host_id"])
+    assert second["InstanceId"] != first and second["ImageId"] == made["image"]
+    assert cloud.agents()["snap"]["state"] == "running"
+    old = cloud.emulator.ec2("describe-instances", "--instance-ids", first)["Reservations"][0]["Instances"][0]
+    assert old["State"]["Name"] == "terminated"
+    cloud.cli.ok("snapshot", "destroy", made["id"])
+    assert json.loads(cloud.cli.ok("snapshot", "list", "--json").out) == []
+
+
+def test_destroy_terminates_and_removes_the_key_pair(cloud):
+    row = json.loads(cloud.cli.ok("create", "gone", "--in", PROVIDER, "--agent-cmd", "sleep 600",
+                                  "--no-connect", "--json").out)
+    instance = cloud.instance_of(row["host_id"])["InstanceId"]
+    cloud.cli.ok("destroy", "-f", "gone")
+    state = cloud.emulator.ec2("describe-instances", "--instance-ids", instance)
+    assert state["Reservations"][0]["Instances"][0]["State"]["Name"] == "terminated"
+    pairs = cloud.emulator.ec2("describe-key-pairs")["KeyPairs"]
+    assert f"mngr-{row['host_id']}" not in [p["KeyName"] for p in pairs]
+    assert not (cloud.cli.home / ".ssh" / "mngr" / row["host_id"]).exists()
+    assert cloud.agents() == {}
+
+
+def test_enforce_stops_past_max_lifetime_and_leaves_a_young_one(cloud):
+    old = json.loads(cloud.cli.ok("create", "old", "--in", PROVIDER, "--agent-cmd", "sleep 600",
+                                  "--max-lifetime", "2s", "--no-connect", "--json").out)
+    young = json.loads(cloud.cli.ok("create", "young", "--in", PROVIDER, "--agent-cmd", "sleep 600",
+                                    "--max-lifetime", "1h", "--no-connect", "--json").out)
+    time.sleep(2.5)
+    result = cloud.cli("enforce", "--json")
+    rows = {r["host"]: r for r in json.loads(result.out)}
+    assert result.code == 0, result.err
+    assert rows["old"]["action"] == "stop" and rows["old"]["result"] == "done"
+    assert "max lifetime" in rows["old"]["reason"]
+    assert rows["young"]["action"] == "none"
+    assert cloud.instance_of(old["host_id"])["State"]["Name"] == "stopped"
+    assert cloud.instance_of(young["host_id"])["State"]["Name"] == "running"
+
+
+def test_a_stuck_stopping_record_is_force_stopped(cloud):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import mngr
+
+    row = json.loads(cloud.cli.ok("create", "stuck", "--in", PROVIDER, "--agent-cmd", "sleep 600",
+                                  "--no-connect", "--json").out)
+    # a `mngr stop` that died after signing "stopping", ten minutes ago
+    env = {**cloud.cli.env}
+    store = mngr.Store(mngr.HostDir(cloud.cli.home / ".mngr" / "hosts" / row["host_id"]),
+                       mngr.load_keyring(env), mngr.VersionCache(cloud.cli.home / ".mngr" / "versions.json"))
+    record, _ = store.read_host()
+    stuck = mngr.transition(record.lifecycle, "stopping", time.time() - 600)
+    store.write_host(mngr.dataclasses.replace(record, lifecycle=stuck,
+                                              version=store.next_version(record.id, record.version)))
+    store.versions.save()
+    result = cloud.cli("enforce", "--json")
+    found = {r["host"]: r for r in json.loads(result.out)}["stuck"]
+    assert found["action"] == "force_stop" and found["result"] == "done", result.out + result.err
+    assert cloud.instance_of(row["host_id"])["State"]["Name"] == "stopped"
+
+
+def test_emulator_down_is_exit_75_and_destroys_nothing(cloud):
+    row = json.loads(cloud.cli.ok("create", "kept", "--in", PROVIDER, "--agent-cmd", "sleep 600",
+                                  "--no-connect", "--json").out)
+    cloud.emulator.stop()
+    result = cloud.cli("enforce", "--json")
+    assert result.code == 75, result.err
+    rows = json.loads(result.out)
+    assert rows[0]["result"] == "error" and "cannot reach AWS EC2" in rows[0]["error"]
+    listed = cloud.cli("list")
+    assert listed.code == 75 and "cannot reach AWS EC2" in listed.err and "Traceback" not in listed.err
+    assert (cloud.cli.home / ".mngr" / "hosts" / row["host_id"] / "data.json").exists()
+    assert cloud.tmux("kept", "has-session", "-t", "=mngr-kept").returncode == 0
+
+
+def test_a_create_that_fails_after_run_instances_leaves_no_instance_running(cloud):
+    cloud.write(address_override=f"127.0.0.1:{free_port()}", ready_timeout=3)   # ssh never answers
+    result = cloud.cli("create", "doomed", "--in", PROVIDER, "--agent-cmd", "sleep 600", "--no-connect")
+    assert result.code != 0 and "Traceback" not in result.err
+    instances = cloud.emulator.instances()
+    assert instances, "run-instances was reached"
+    for inst in instances:
+        tags = {t["Key"]: t["Value"] for t in inst.get("Tags") or []}
+        assert tags.get("mngr:host-id")                      # never untagged
+        assert inst["State"]["Name"] == "terminated"         # and never left running
+    assert cloud.emulator.ec2("describe-key-pairs")["KeyPairs"] == []
+    assert cloud.agents() == {}
