@@ -11,7 +11,7 @@ demo: deps
 	@bash tests/demo.sh
 
 test: deps venv docker
-	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(VENV_PY) -m pytest -q tests
+	PATH="$(CURDIR)/.venv/bin:$$PATH" HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(VENV_PY) -m pytest -q tests
 
 bench: deps
 	$(PYTHON) tests/bench.py

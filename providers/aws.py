@@ -314,6 +314,7 @@ class AwsProvider(SshProvider):
             record = replace(record, agents=(agent.id,), version=store.next_version(host_id, record.version))
             running = self._set_state(store, record, "running", write=False)
             self._deploy(machine, store, start=[agent.id], records=[agent, running], new_host=True)
+            self._start_at_boot(machine, host_id)
         except BaseException as exc:
             # nothing orphaned: the instance is terminated, the key pair and records go
             if instance_id:
@@ -383,6 +384,47 @@ class AwsProvider(SshProvider):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(2)
+
+    def _start_at_boot(self, machine: Machine, host_id: str) -> str:
+        """Make the instance start its watcher at every boot: a script in its host dir, run
+        by a systemd unit where systemd runs, by an @reboot crontab line otherwise. Says
+        which ("systemd", "cron"), or warns that it could not ("none")."""
+        from .ssh import in_host, prelude
+
+        boot = prelude(machine) + in_host(
+            machine, "watch", "--on-stop", "shutdown", "--interval", self.interval,
+            "--tmux-socket", machine.tmux_socket,
+            *(["--shutdown-command", machine.shutdown_command] if machine.shutdown_command else [])) + "\n"
+        unit = f"mngr-watcher-{host_id}"
+        script = (prelude(machine) + '$AS sh -c \'cat > "$1/bin/boot.sh"\' sh "$D" && B="$D/bin/boot.sh" && '
+                  'if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then '
+                  'S=; [ "$(id -u)" = 0 ] || S="sudo -n"; '
+                  'printf "[Unit]\\nDescription=mngr idle watcher\\n[Service]\\nUser=%s\\n'
+                  'ExecStart=/bin/sh %s\\n[Install]\\nWantedBy=multi-user.target\\n" "$(id -un)" "$B" '
+                  f'| $S tee /etc/systemd/system/{unit}.service >/dev/null && $S systemctl daemon-reload '
+                  f'&& $S systemctl enable {unit} >/dev/null 2>&1 && echo systemd; '
+                  'elif command -v crontab >/dev/null; then '
+                  f'{{ crontab -l 2>/dev/null | grep -v "# {unit}$"; echo "@reboot /bin/sh $B # {unit}"; }} '
+                  '| crontab - && echo cron; else echo none; fi')
+        result = self.ssh.run(machine, script, input=boot)
+        how = (result.stdout.strip().splitlines() or ["none"])[-1]
+        if result.returncode != 0 or how not in ("systemd", "cron"):
+            mngr.warn(f"{machine.name} has neither systemd nor cron: its watcher will not start "
+                      "after a reboot (mngr enforce still stops it)")
+            return "none"
+        return how
+
+    def _stop_at_boot(self, machine: Machine, host_id: str) -> None:
+        unit = f"mngr-watcher-{host_id}"
+        script = ('if [ -f /etc/systemd/system/' + unit + '.service ]; then S=; [ "$(id -u)" = 0 ] '
+                  '|| S="sudo -n"; $S systemctl disable ' + unit + ' >/dev/null 2>&1; '
+                  '$S rm -f /etc/systemd/system/' + unit + '.service; fi; '
+                  'if command -v crontab >/dev/null && crontab -l 2>/dev/null | grep -q "# ' + unit
+                  + '$"; then crontab -l | grep -v "# ' + unit + '$" | crontab -; fi; true')
+        try:
+            self.ssh.run(machine, script)
+        except mngr.MngrError:
+            pass  # the instance is being terminated: its boot entries go with it
 
     # Acting -------------------------------------------------------------------------------
 
@@ -473,6 +515,8 @@ class AwsProvider(SshProvider):
         agent = mngr.agent_info(view.record, info, view.state)
         self.ctx.hook("on_before_agent_destroy", agent)
         self.ctx.hook("on_before_host_destroy", info)
+        if host.facts.get("machine") and host.reachable:  # an instance may be a machine kept
+            self._stop_at_boot(host.facts["machine"], record.id)  # after it: say nothing more
         if host.facts.get("exists"):
             self.aws("terminate-instances", "--instance-ids", host.facts["id"])
         self._forget_key(record.id)

@@ -2,7 +2,7 @@
 # Installs what the test suite needs when it is missing, then starts the
 # services it needs. Safe to run again: it only acts on what is missing.
 #   tests/setup.sh deps   Debian packages (as root; otherwise says what to install)
-#   tests/setup.sh venv   .venv with pytest, hypothesis, setuptools, wheel
+#   tests/setup.sh venv   .venv with pytest, hypothesis, setuptools, wheel, awscli, moto[server]
 #   tests/setup.sh docker a Docker engine (started when none answers) and the offline
 #                         test image (debootstrap + docker import); as root only
 set -euo pipefail
@@ -19,6 +19,7 @@ deps() {
     [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
     command -v ssh >/dev/null || missing+=(openssh-client)
     command -v ip >/dev/null || missing+=(iproute2)
+    command -v crontab >/dev/null || missing+=(cron)   # the @reboot start of a cloud host's watcher
     if [ "$(id -u)" -eq 0 ] && ! id "$TEST_USER" >/dev/null 2>&1; then
         # an unprivileged user for the ssh tests: agents run as it on "untrusted" machines
         # password "*": none to log in with, but not locked (sshd refuses locked accounts)
@@ -43,6 +44,9 @@ venv() {
     for mod in pytest hypothesis setuptools wheel; do
         .venv/bin/python -c "import $mod" 2>/dev/null || need+=("$mod")
     done
+    # the AWS tests: the real aws CLI against a local EC2 emulator
+    .venv/bin/python -c "import awscli" 2>/dev/null || need+=(awscli)
+    .venv/bin/python -c "import moto.server, flask" 2>/dev/null || need+=("moto[server]")
     if [ ${#need[@]} -gt 0 ]; then
         echo "setup: installing ${need[*]} into .venv" >&2
         .venv/bin/python -m pip install --quiet "${need[@]}"

@@ -3,14 +3,36 @@ free loopback port (or inside a network namespace the test made), stopped by pid
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 SSHD = "/usr/sbin/sshd"
+TEST_USER = "mngr-test"     # made by make test (tests/setup.sh deps); its shell is /bin/sh
+
+
+def have_test_user() -> bool:
+    try:
+        return pwd.getpwnam(TEST_USER).pw_shell == "/bin/sh"
+    except KeyError:
+        return False
+
+
+def sshd_without_python(extra: str = "") -> "Sshd":
+    """An sshd whose sessions have a shell and nothing else on PATH: no python3 there.
+    Log in as TEST_USER, whose /bin/sh reads no rc file that would change PATH. Under
+    /tmp, readable by that user; the caller removes .root.parent."""
+    root = Path(tempfile.mkdtemp(prefix="mngr-sshd-", dir="/tmp"))
+    root.chmod(0o755)
+    bare = root / "bare-bin"
+    bare.mkdir(mode=0o755)
+    os.symlink(shutil.which("sh"), bare / "sh")
+    return Sshd(root / "sshd", extra=f"SetEnv PATH={bare}\n" + extra)
 
 
 def have_sshd() -> bool:

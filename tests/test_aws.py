@@ -114,6 +114,7 @@ def cloud(mngr_cli, tmp_path):
     mngr_cli.env.update(CREDENTIALS)
     ami = emulator.ec2("describe-images", "--owners", "amazon")["Images"][0]["ImageId"]
     cloud = Cloud(mngr_cli, emulator, sshd, tmp_path / "cloud", ami)
+    cloud.keys_command = command
     cloud.write()
     yield cloud
     for host in (tmp_path / "cloud" / "hosts").glob("*") if (tmp_path / "cloud" / "hosts").exists() else []:
@@ -127,6 +128,11 @@ def cloud(mngr_cli, tmp_path):
     sshd.stop()
     emulator.stop()
     shutil.rmtree(safe, ignore_errors=True)
+    if shutil.which("crontab"):  # the @reboot lines this test's hosts added, and no others
+        lines = subprocess.run(["crontab", "-l"], capture_output=True, text=True).stdout.splitlines(True)
+        kept = [line for line in lines if str(tmp_path) not in line]
+        if kept != lines:
+            subprocess.run(["crontab", "-"], input="".join(kept), text=True)
 
 
 def test_create_tags_the_instance_and_runs_the_agent(cloud):
@@ -209,13 +215,23 @@ def test_destroy_terminates_and_removes_the_key_pair(cloud):
     row = json.loads(cloud.cli.ok("create", "gone", "--in", PROVIDER, "--agent-cmd", "sleep 600",
                                   "--no-connect", "--json").out)
     instance = cloud.instance_of(row["host_id"])["InstanceId"]
+    # the watcher starts at every boot: this "instance" has cron, not systemd
+    boot = cloud.root / "hosts" / "gone" / "host" / "bin" / "boot.sh"
+    assert "watch --on-stop shutdown" in boot.read_text()
+    assert f"@reboot /bin/sh {boot} # mngr-watcher-{row['host_id']}" in crontab()
     cloud.cli.ok("destroy", "-f", "gone")
+    assert f"mngr-watcher-{row['host_id']}" not in crontab()
     state = cloud.emulator.ec2("describe-instances", "--instance-ids", instance)
     assert state["Reservations"][0]["Instances"][0]["State"]["Name"] == "terminated"
     pairs = cloud.emulator.ec2("describe-key-pairs")["KeyPairs"]
     assert f"mngr-{row['host_id']}" not in [p["KeyName"] for p in pairs]
     assert not (cloud.cli.home / ".ssh" / "mngr" / row["host_id"]).exists()
     assert cloud.agents() == {}
+
+
+def crontab() -> str:
+    need(shutil.which("crontab") is not None, "cron (make test installs it)")
+    return subprocess.run(["crontab", "-l"], capture_output=True, text=True).stdout
 
 
 def test_enforce_stops_past_max_lifetime_and_leaves_a_young_one(cloud):
@@ -281,3 +297,32 @@ def test_a_create_that_fails_after_run_instances_leaves_no_instance_running(clou
         assert inst["State"]["Name"] == "terminated"         # and never left running
     assert cloud.emulator.ec2("describe-key-pairs")["KeyPairs"] == []
     assert cloud.agents() == {}
+
+
+def test_missing_credentials_name_the_profile(cloud):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        cloud.cli.env.pop(key)
+    result = cloud.cli("list")
+    assert result.code == 1 and "no AWS credentials for profile default" in result.err, result.err
+    cloud.write(profile="nosuch")
+    result = cloud.cli("create", "x", "--in", PROVIDER, "--agent-cmd", "sleep 600", "--no-connect")
+    assert result.code == 1 and "profile nosuch" in result.err and "Traceback" not in result.err
+    assert cloud.emulator.instances() == []
+
+
+def test_an_image_without_python3_is_said_so_and_terminated(cloud):
+    from sshd import TEST_USER, have_test_user, sshd_without_python
+
+    need(have_test_user(), f"the test user {TEST_USER} (make test adds it)")
+    nopy = sshd_without_python(f"AuthorizedKeysCommand {cloud.keys_command}\n"
+                               "AuthorizedKeysCommandUser root\n").start()
+    try:
+        cloud.write(address_override=f"{nopy.address}:{nopy.port}", ssh_user=TEST_USER,
+                    host_dir="~/.mngr-host-{host}", work_root="~/w-{host}")
+        result = cloud.cli("create", "bare", "--in", PROVIDER, "--agent-cmd", "sleep 600", "--no-connect")
+        assert result.code == 1 and "python3 is not installed there" in result.err, result.err
+        assert [i["State"]["Name"] for i in cloud.emulator.instances()] == ["terminated"]
+        assert cloud.agents() == {}
+    finally:
+        nopy.stop()
+        shutil.rmtree(nopy.root.parent, ignore_errors=True)

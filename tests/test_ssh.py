@@ -10,19 +10,15 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import need, wait_for
-from sshd import Sshd, have_sshd
+from sshd import TEST_USER, Sshd, have_sshd, have_test_user, sshd_without_python
 
 PROVIDER = "lab"
-
-
-TEST_USER = "mngr-test"     # made by make test (tests/setup.sh deps)
 
 
 def machine_toml(name: str, sshd: Sshd, root: Path, socket: str, **extra) -> str:
@@ -31,15 +27,6 @@ def machine_toml(name: str, sshd: Sshd, root: Path, socket: str, **extra) -> str
             "tmux_socket": f"{socket}-{name}", **extra}
     return f"[providers.{PROVIDER}.machines.{name}]\n" + "".join(
         f"{key} = {json.dumps(value)}\n" for key, value in conf.items())
-
-
-def have_test_user() -> bool:
-    import pwd
-
-    try:
-        return pwd.getpwnam(TEST_USER).pw_shell == "/bin/sh"
-    except KeyError:
-        return False
 
 
 class Lab:
@@ -310,16 +297,10 @@ def test_enforce_over_a_cut_link_is_bounded_and_acts_on_nothing(lab):
 
 
 def test_a_machine_without_python3_is_said_so(lab):
-    # logging in as a user whose shell (/bin/sh) reads no rc file, so PATH stays as set
     need(have_test_user(), f"the test user {TEST_USER} (make test adds it)")
-    keys = Path(tempfile.mkdtemp(prefix="mngr-sshd-", dir="/tmp"))
-    keys.chmod(0o755)   # readable by that user
-    lab.cleanup.append(lambda: shutil.rmtree(keys, ignore_errors=True))
-    bare = keys / "bare-bin"
-    bare.mkdir(mode=0o755)
-    for tool in ("sh",):   # a shell, and nothing else on PATH: no python3 there
-        os.symlink(shutil.which(tool), bare / tool)
-    nopy = Sshd(keys / "sshd", extra=f"SetEnv PATH={bare}\n").start()
+    nopy = sshd_without_python()
+    lab.cleanup.append(lambda: shutil.rmtree(nopy.root.parent, ignore_errors=True))
+    nopy.start()
     lab.started.append(nopy)
     lab.add("nopy", sshd=nopy, user=TEST_USER, host_dir="~/.mngr-host-nopy", work_root="~/w-nopy")
     lab.trust_key(nopy)
