@@ -7,6 +7,7 @@ same run. Prints one line per target and exits 1 if one is missed.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -298,6 +299,77 @@ def bench_ssh(base_env) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
+def bench_aws(base_env) -> None:
+    """list over 50 emulator instances: its aws calls (one describe-instances) and its
+    time beside a single `aws ec2 describe-instances` in the same run. The instances are
+    made through the emulator directly (they are not machines), tagged as a provider's,
+    with records for them: each stopped, so list needs no ssh."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from sshd import free_port, wait_port
+
+    probe = subprocess.run([PY, "-c", "import moto.server"], capture_output=True)
+    if probe.returncode or not shutil.which("aws"):
+        print(f"{'aws benchmarks':<48} skipped: needs the aws CLI and moto[server] (make venv)")
+        return
+    home = Path(tempfile.mkdtemp(prefix="mngr-bench-a-"))
+    port = free_port()
+    moto = subprocess.Popen([PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    creds = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+             "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {**base_env, "HOME": str(home), **creds}
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_port("127.0.0.1", port, timeout=30)
+        ec2 = ["aws", "--output", "json", "--endpoint-url", url, "ec2"]
+        ami = json.loads(subprocess.run([*ec2, "describe-images", "--owners", "amazon"], env=env, check=True,
+                                        capture_output=True, text=True).stdout)["Images"][0]["ImageId"]
+        sys.path.insert(0, str(REPO))
+        import mngr
+
+        (home / ".config" / "mngr").mkdir(parents=True)
+        (home / ".config" / "mngr" / "settings.toml").write_text(
+            f'[providers.bench]\nbackend = "aws"\nendpoint_url = "{url}"\nami = "{ami}"\n')
+        keyring = mngr.load_keyring(env)
+        versions = mngr.VersionCache(home / ".mngr" / "versions.json")
+        for i in range(50):
+            host_id = mngr.new_id()
+            tags = (f"ResourceType=instance,Tags=[{{Key=mngr:host-id,Value={host_id}}},"
+                    f"{{Key=mngr:provider,Value=bench}},{{Key=mngr:host-name,Value=h{i}}}]")
+            instance = json.loads(subprocess.run(
+                [*ec2, "run-instances", "--image-id", ami, "--count", "1", "--tag-specifications", tags],
+                env=env, check=True, capture_output=True, text=True).stdout)["Instances"][0]["InstanceId"]
+            subprocess.run([*ec2, "stop-instances", "--instance-ids", instance], env=env, check=True,
+                           capture_output=True)
+            store = mngr.Store(mngr.HostDir(home / ".mngr" / "hosts" / host_id), keyring, versions)
+            agent = mngr.AgentRecord(id=mngr.new_id(), name=f"a{i}", host_id=host_id, agent_type="sleep",
+                                     command="sleep 600", session=f"mngr-a{i}", work_dir=f"/w/a{i}",
+                                     work_mode="copy", created_at=time.time())
+            store.host_dir.skeleton()
+            store.write_agent(agent)
+            store.write_host(mngr.HostRecord(
+                id=host_id, name=f"a{i}", provider="bench", lifecycle=mngr.Lifecycle("stopped", time.time()),
+                policy=mngr.IdlePolicy.for_mode("io"), created_at=time.time(), agents=(agent.id,)))
+        versions.save()
+        shim = home / "shim"
+        shim.mkdir()
+        calls = home / "aws-calls"
+        (shim / "aws").write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {shutil.which("aws")} "$@"\n')
+        (shim / "aws").chmod(0o755)
+        listed = timed([PY, "-m", "mngr", "list", "--json"], {**env, "PATH": f"{shim}:{env['PATH']}"}, runs=3)
+        count = len(calls.read_text().splitlines()) // 3
+        rows = json.loads(subprocess.run([PY, "-m", "mngr", "list", "--json"], env=env, cwd=REPO,
+                                         capture_output=True, text=True).stdout)
+        single = timed([*ec2, "describe-instances"], env, runs=3)
+        print(f"{'mngr list, 50 emulator instances':<48} {listed * 1000:8.0f}ms  ({count} aws call a run, "
+              f"{len(rows)} agents listed)")
+        print(f"{'aws ec2 describe-instances (same emulator)':<48} {single * 1000:8.0f}ms")
+        report("aws calls per list (one provider, one region)", count, 1, unit=" ")
+    finally:
+        os.killpg(moto.pid, 15)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="mngr-bench-"))
     tmux_dir = Path(tempfile.mkdtemp(prefix="mb", dir="/tmp"))
@@ -322,6 +394,7 @@ def main() -> int:
         bench_enforce(env, home)
         bench_docker(env)
         bench_ssh(env)
+        bench_aws(env)
         bench_watcher(env)
     finally:
         subprocess.run(["tmux", "-L", "mngr-bench", "kill-server"], env=env,
