@@ -872,7 +872,8 @@ def spawn(argv, *, log_path: Path, env=None, cwd=None) -> int:
 
 
 def _install_hint(tool: str) -> str:
-    packages = {"tmux": "tmux", "git": "git", "docker": "docker.io", "ssh": "openssh-client"}
+    packages = {"tmux": "tmux", "git": "git", "docker": "docker.io", "ssh": "openssh-client",
+                "ssh-keygen": "openssh-client", "aws": "awscli"}
     if tool in packages:
         return f"install it, e.g. apt-get install {packages[tool]}"
     return "install it or put it on PATH"

@@ -207,6 +207,10 @@ def test_snapshots_create_list_start_from_and_destroy(cloud):
     assert cloud.agents()["snap"]["state"] == "running"
     old = cloud.emulator.ec2("describe-instances", "--instance-ids", first)["Reservations"][0]["Instances"][0]
     assert old["State"]["Name"] == "terminated"
+    clone = json.loads(cloud.cli.ok("create", "clone", "--in", PROVIDER, "--snapshot", made["id"],
+                                    "--agent-cmd", "sleep 600", "--no-connect", "--json").out)
+    assert cloud.instance_of(clone["host_id"])["ImageId"] == made["image"]
+    assert clone["host_id"] != row["host_id"] and cloud.agents()["clone"]["state"] == "running"
     cloud.cli.ok("snapshot", "destroy", made["id"])
     assert json.loads(cloud.cli.ok("snapshot", "list", "--json").out) == []
 
