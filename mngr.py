@@ -1258,7 +1258,8 @@ class Watcher:
         self.log_path = host_dir.events / "watcher.jsonl"
 
     def log(self, event: str, **fields) -> None:
-        append_jsonl(self.log_path, {"at": time.time(), "event": event, **fields})
+        if self.host_dir.root.is_dir():  # never re-make a host dir that was removed
+            append_jsonl(self.log_path, {"at": time.time(), "event": event, **fields})
 
     def observe(self, now: float):
         """(policy, observation, live agent sessions) from what this host shows."""

@@ -717,8 +717,9 @@ class SshProvider(RecordKeeper):
         if not paths:
             return
         script = prelude(machine)
-        if whole_host_dir:  # its watcher goes with it
-            script += '[ -f "$D/watcher.pid" ] && kill "$(cat "$D/watcher.pid")" 2>/dev/null; '
+        if whole_host_dir:  # its watcher goes with it, first (it writes into the host dir)
+            script += ('P=$(cat "$D/watcher.pid" 2>/dev/null) && kill "$P" 2>/dev/null && '
+                       'for i in $(seq 50); do kill -0 "$P" 2>/dev/null || break; sleep 0.1; done; ')
         script += "$AS rm -rf " + " ".join(paths)
         try:
             self.ssh.run(machine, script, timeout=120)

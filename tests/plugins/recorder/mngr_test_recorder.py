@@ -1,11 +1,14 @@
 """Records every mngr hook call, with its arguments, as JSON lines.
 
 Inert unless MNGR_RECORDER_LOG names a file. MNGR_RECORDER_FAIL=HOOK makes that
-hook raise; MNGR_RECORDER_REFUSE=COMMAND makes on_before_command refuse it.
+hook raise; MNGR_RECORDER_REFUSE=COMMAND makes on_before_command refuse it;
+MNGR_RECORDER_KILL=HOOK (or on_host_state_change:STATE) kills the mngr process
+there with SIGKILL, as a crash or an OOM kill would, at that step.
 """
 import dataclasses
 import json
 import os
+import signal
 
 import mngr
 
@@ -33,6 +36,9 @@ class Recorder:
             handle.write(json.dumps({"hook": hook, "args": [_plain(a) for a in args]}) + "\n")
         if os.environ.get("MNGR_RECORDER_FAIL") == hook:
             raise RuntimeError(f"told to fail in {hook}")
+        kill = os.environ.get("MNGR_RECORDER_KILL", "")
+        if kill == hook or hook == "on_host_state_change" and kill == f"{hook}:{args[0].new}":
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def on_before_command(self, call):
         self._record("on_before_command", call)
