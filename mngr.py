@@ -2756,6 +2756,35 @@ def _args_enforce(sp, Parser):
                     help="fail or force-stop hosts stuck in building, starting, stopping (default: on)")
     sp.add_argument("--provider", action="append", default=[], metavar="NAME",
                     help="only this provider instance (repeatable)")
+    sp.add_argument("--at", type=parse_when, metavar="TIME",
+                    help="decide as if it were TIME: epoch seconds, or +DURATION/-DURATION from now, "
+                         "e.g. --at=+2h (what-if with --dry-run; a clock jump, for testing)")
+
+
+def parse_when(text) -> float:
+    """Epoch seconds, or +DURATION / -DURATION from now."""
+    text = str(text).strip()
+    if text[:1] in "+-":
+        try:
+            return time.time() + (1 if text[0] == "+" else -1) * parse_duration(text[1:])
+        except UsageError:
+            pass
+    else:
+        try:
+            value = float(text)
+            if 0 <= value < 1e11:
+                return value
+        except ValueError:
+            pass
+    raise UsageError(f"bad time {text!r}", "use epoch seconds, or +2h / -30m from now")
+
+
+def _args_gc(sp, Parser):
+    sp.add_argument("--older-than", type=parse_duration, default=7 * 86400, metavar="DURATION",
+                    help="retention: only what ended (or was left) longer ago than this (default 7d)")
+    sp.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    sp.add_argument("--provider", action="append", default=[], metavar="NAME",
+                    help="only this provider instance (repeatable)")
 
 
 def _args_limit(sp, Parser):
@@ -2838,6 +2867,7 @@ COMMAND_TABLE = (
     ("plugin", (), "the installed plugins", _args_plugin),
     ("limit", ("lim",), "change the idle policy of agents' hosts", _args_limit),
     ("host", (), "ssh machines agents can run on: add, list, check, remove", _args_host),
+    ("gc", (), "remove what is left of failed and destroyed hosts, old orphans", _args_gc),
 )
 
 
@@ -3266,6 +3296,14 @@ def cmd_enforce(args, ctx) -> int:
 def enforce_once(args, ctx) -> int:
     """One pass over every host of every provider; returns the exit code."""
     audit = user_dir(ctx.env) / "audit.jsonl"
+    try:  # acting without a record of it is not allowed: find out before acting at all
+        audit.parent.mkdir(parents=True, exist_ok=True)
+        with open(audit, "a"):
+            pass
+    except OSError as exc:
+        raise RefusedError(f"cannot write the audit log {audit}: {exc.strerror or exc}",
+                           "fix it (permissions, disk space); mngr enforce acts only when it can "
+                           "record what it does") from None
     rows, code = [], EXIT_OK
     names = set(args.provider)
     providers = ctx.providers()
@@ -3313,7 +3351,7 @@ def enforce_host(args, host, audit) -> dict:
         _audit(audit, row, args.dry_run)
         return row
     try:
-        now = time.time()
+        now = _now(args)
         obs = provider.observe(host, now)
         decision = _checked(decide(obs, _policy_of(host), now), args)
         row.update(state=obs.state, **decision.to_dict())
@@ -3331,11 +3369,16 @@ def enforce_host(args, host, audit) -> dict:
         if fresh is None:
             row["result"] = "vanished"
         else:
-            now = time.time()
+            now = _now(args)
             again = _checked(decide(provider.observe(fresh, now), _policy_of(fresh), now), args)
             if again.action != decision.action:
                 row.update(result="changed", reason=f"re-checked: {again.reason}")
             else:
+                try:  # written before acting, or not done
+                    _audit(audit, {**row, "result": "acting"}, False)
+                except OSError as exc:
+                    raise RefusedError(f"cannot write the audit log {audit}: {exc.strerror or exc}; "
+                                       f"not acting on {host.name}") from None
                 getattr(provider, ENFORCE_ACTIONS[again.action])(fresh)
                 row["result"] = "done"
     except PluginError:
@@ -3347,6 +3390,11 @@ def enforce_host(args, host, audit) -> dict:
                    detail=_traceback(exc))
     _audit(audit, row, args.dry_run)
     return row
+
+
+def _now(args) -> float:
+    """The time decisions are made at: the clock, unless --at says otherwise."""
+    return time.time() if getattr(args, "at", None) is None else args.at
 
 
 def _policy_of(host) -> IdlePolicy:
@@ -3554,6 +3602,87 @@ def cmd_host(args, ctx) -> int:
     emit(ctx, {"machine": machine.name, "provider": provider.name, "removed": True},
          f"removed machine {machine.name}")
     return EXIT_OK
+
+
+@command("gc")
+def cmd_gc(args, ctx) -> int:
+    """Remove what mngr made and nothing needs any more, older than the retention:
+    failed and destroyed hosts (with their records), containers or instances tagged
+    as mngr's that no record claims, orphaned worktrees (only clean ones: their
+    branches keep the commits), and snapshots whose host is gone."""
+    now = time.time()
+    cutoff = now - args.older_than
+    rows, code = [], EXIT_OK
+    providers = [p for p in ctx.providers() if not args.provider or p.name in args.provider]
+
+    def act(row, remove) -> None:
+        rows.append(row)
+        if args.dry_run:
+            row["result"] = "would remove"
+            return
+        try:
+            remove()
+            row["result"] = "removed"
+        except MngrError as exc:
+            row.update(result="error", error=exc.line())
+
+    for provider in providers:
+        try:
+            hosts = ctx.collect_from(provider)
+        except MngrError as exc:
+            rows.append({"provider": provider.name, "kind": "provider", "name": "", "result": "error",
+                         "error": f"could not list hosts: {exc.line()}"})
+            code = max(code, exc.exit_code if exc.exit_code == EXIT_UNREACHABLE else EXIT_ERROR)
+            continue
+        claimed = set()
+        for host in hosts:
+            if host.record is None:
+                since = host.facts.get("created") or now
+                if not host.facts.get("running") and since < cutoff and hasattr(provider, "forget_host"):
+                    act({"provider": provider.name, "kind": "host", "name": host.facts.get("id", "?"),
+                         "reason": "tagged as mngr's, with no record, not running"},
+                        lambda h=host: h.provider.forget_host(h))
+                continue
+            claimed.add(host.record.id)
+            if not host.reachable:
+                continue
+            state = provider.observe(host, now).state
+            if state not in ("failed", "destroyed") or host.record.lifecycle.since >= cutoff:
+                continue
+            row = {"provider": provider.name, "kind": "host", "name": host.name, "id": host.record.id,
+                   "reason": f"{state} since {iso(host.record.lifecycle.since)}"}
+
+            def remove(h=host):
+                for agent in list(h.agents):
+                    h.provider.destroy_agent(agent, remove_work=True, discard_changes=True)
+                if not h.agents and hasattr(h.provider, "forget_host"):
+                    h.provider.forget_host(h)
+            act(row, remove)
+        if hasattr(provider, "orphans"):
+            for orphan in provider.orphans(cutoff):
+                row = {"provider": provider.name, **orphan}
+                if orphan.get("keep"):
+                    rows.append({**row, "result": "kept"})
+                else:
+                    act(row, lambda o=orphan, p=provider: p.remove_orphan(o))
+        try:
+            snapshots = provider.snapshot_list() if hasattr(provider, "snapshot_list") else []
+        except MngrError:
+            snapshots = []
+        known = claimed | {h.record.id for h in hosts if h.record}
+        for snap in snapshots:
+            created = snap.get("created")
+            if snap.get("host_id") in known or created is None or created >= cutoff:
+                continue
+            act({"provider": provider.name, "kind": "snapshot", "name": snap["id"], "id": snap.get("image", ""),
+                 "reason": f"its host {snap.get('host') or snap.get('host_id')} is gone"},
+                lambda sid=snap["id"], p=provider: p.snapshot_destroy(sid))
+    if any(r.get("result") == "error" for r in rows):
+        code = max(code, EXIT_ERROR)
+    emit(ctx, rows, lambda: table(rows, [("kind", "kind"), ("name", "name"), ("provider", "provider"),
+                                         ("result", "result"), ("why", "reason")])
+         or "nothing to remove")
+    return code
 
 
 @command("snapshot")

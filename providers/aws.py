@@ -149,10 +149,6 @@ class AwsProvider(SshProvider):
             seen, report = reports.get(record.name, ({}, None))
             if seen and not seen.get("reachable"):
                 facts["ssh_error"] = seen.get("error", "")
-            if record.lifecycle.state in ("starting", "stopping"):
-                # mngr is starting or stopping it: the instance may not have the newest records
-                # yet (a stopped instance cannot be sent them), and its timeouts bound both states
-                report = None
             host = self._view(store, record, facts, report,
                               unreported="unknown" if facts.get("running") else "stopped")
             if facts.get("ssh_error") and host.record.policy.trust == "trusted":
@@ -526,6 +522,12 @@ class AwsProvider(SshProvider):
         self.ctx.state_changed(record, gone, self.name)
         self.ctx.hook("on_after_host_destroy", mngr.host_info(gone, self.name))
 
+    def _remove_resource(self, host) -> None:
+        if host.facts.get("exists"):
+            self.aws("terminate-instances", "--instance-ids", host.facts["id"])
+        if host.record is not None:
+            self._forget_key(host.record.id)
+
     # Snapshots: images ----------------------------------------------------------------------
 
     def snapshot_create(self, host) -> dict:
@@ -550,7 +552,8 @@ class AwsProvider(SshProvider):
             host_id = tags.get(f"{TAG}:host-id", "")
             rows.append({"id": tags.get(f"{TAG}:snapshot-id", ""), "host": names.get(host_id, host_id),
                          "host_id": host_id, "provider": self.name, "image": image["ImageId"],
-                         "created_at": image.get("CreationDate", "")})
+                         "created_at": image.get("CreationDate", ""),
+                         "created": _epoch(image.get("CreationDate"))})
         return rows
 
     def _snapshot_image(self, snapshot_id: str) -> dict:

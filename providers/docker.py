@@ -568,6 +568,10 @@ class DockerProvider(RecordKeeper):
         return {"id": snapshot_id, "host": host.record.name, "host_id": host.record.id,
                 "provider": self.name, "image": tag, "created_at": mngr.iso(now)}
 
+    def _remove_resource(self, host) -> None:
+        if host.facts.get("exists"):
+            self.docker("rm", "-f", host.facts["id"], timeout=120)
+
     def snapshot_list(self) -> list:
         """This instance's snapshots, in one docker call."""
         if self.conf.get("implicit") and not self._records() and not self._has_any_snapshot():
@@ -581,7 +585,8 @@ class DockerProvider(RecordKeeper):
             host_id, _, snapshot_id = image.get("Tag", "").rpartition("-")
             rows.append({"id": snapshot_id, "host": names.get(host_id, host_id), "host_id": host_id,
                          "provider": self.name, "image": f"{image['Repository']}:{image['Tag']}",
-                         "created_at": image.get("CreatedAt", ""), "size": image.get("Size", "")})
+                         "created_at": image.get("CreatedAt", ""), "size": image.get("Size", ""),
+                         "created": _local_epoch(image.get("CreatedAt", ""))})
         return rows
 
     def _has_any_snapshot(self) -> bool:
@@ -738,3 +743,13 @@ def _epoch(text):
     stamp = datetime.strptime(main, "%Y-%m-%dT%H:%M:%S")
     seconds = (stamp - datetime(1970, 1, 1)).total_seconds()
     return seconds + (float(f"0.{fraction[:6]}") if fraction else 0.0)
+
+
+def _local_epoch(text):
+    """docker images' CreatedAt ("2026-12-03 19:30:01 +0000 UTC") to epoch seconds."""
+    from datetime import datetime
+
+    try:
+        return datetime.strptime(" ".join(str(text).split()[:3]), "%Y-%m-%d %H:%M:%S %z").timestamp()
+    except ValueError:
+        return None

@@ -442,6 +442,39 @@ class LocalProvider:
                            "id": record.id})
         self.ctx.hook("on_after_agent_destroy", info)
 
+    def orphans(self, cutoff: float) -> list:
+        """For gc: dirs under mngr's own work dir that no agent record uses any more and
+        that were last changed before cutoff. Only clean git worktrees may go (their
+        branches keep every commit); copies and dirty worktrees may hold work: kept."""
+        try:
+            entries = sorted(p for p in self.host_dir.work.iterdir() if p.is_dir())
+        except FileNotFoundError:
+            return []
+        store = self.store()
+        record, _ = store.read_host()
+        used = set()
+        for agent_id in (record.agents if record else ()):
+            agent, _ = store.read_agent(agent_id)
+            if agent is not None:
+                used.add(Path(agent.work_dir).resolve())
+        found = []
+        for path in entries:
+            if path.resolve() in used or path.stat().st_mtime >= cutoff:
+                continue
+            row = {"kind": "worktree", "name": str(path), "path": str(path)}
+            if not (path / ".git").is_file():
+                found.append({**row, "kind": "copy", "keep": True, "reason": "a copy may hold work"})
+            elif mngr.git_is_dirty(path):
+                found.append({**row, "keep": True, "reason": "uncommitted changes"})
+            else:
+                found.append({**row, "reason": "no agent uses it; clean (its branch stays)"})
+        return found
+
+    def remove_orphan(self, orphan: dict) -> None:
+        path = Path(orphan["path"])
+        common = mngr.git(path, "rev-parse", "--path-format=absolute", "--git-common-dir").stdout.strip()
+        mngr.git(Path(common).parent, "worktree", "remove", str(path))
+
     def _forget_agent(self, agent_id: str) -> None:
         store = self.store()
         host, _ = store.read_host()

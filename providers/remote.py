@@ -64,6 +64,20 @@ class RecordKeeper:
     def default_policy(self) -> mngr.IdlePolicy:
         return mngr.default_policy(self.ctx.settings, self.name, trusted=False)
 
+    def forget_host(self, host) -> None:
+        """For gc: what is left of a host with no agents, or of a resource of ours that no
+        record claims: the resource (when the backend has one) and the records."""
+        self._remove_resource(host)
+        if host.record is not None:
+            import shutil
+
+            shutil.rmtree(self.records_root / host.record.id, ignore_errors=True)
+            gone = replace(host.record, lifecycle=mngr.Lifecycle("destroyed", time.time()))
+            self.ctx.state_changed(host.record, gone, self.name)
+
+    def _remove_resource(self, host) -> None:
+        """The container or instance behind a host, if the backend has one."""
+
     def store(self, host_id: str) -> mngr.Store:
         return mngr.Store(mngr.HostDir(self.records_root / host_id), self.ctx.keyring,
                           self.ctx.versions)
@@ -91,7 +105,6 @@ class RecordKeeper:
             self.ctx.state_changed(record, new, self.name)
         return new
 
-
     def _view(self, store, record, facts, report, unreported="stopped"):
         """A host with a controller record, its agents' states from what it reported
         (unreported: the agents' state when it reported nothing)."""
@@ -105,6 +118,11 @@ class RecordKeeper:
         if report and "error" in report:  # a running host that will not say: treat as tampered
             host.problems.append(f"host report: {report['error']}")
             report = None
+        elif report and record.lifecycle.state in ("starting", "stopping"):
+            # mngr is starting or stopping it: the host's copy of the records may lag behind
+            # (a host being stopped is not sent the record that says so), and the timeouts of
+            # these states bound them; its copy is checked again once it runs
+            pass
         elif report:
             host.verification = mngr.verify_document(
                 report.get("document"), self.ctx.keyring, "host", record.id,

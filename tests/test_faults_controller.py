@@ -1,0 +1,216 @@
+"""Faults around the controller: an unwritable audit log or mngr dir, a clock that
+jumps, mngr killed (SIGKILL) at each step of create and in the middle of a stop,
+a full disk under a host's records, and gc of what is left.
+
+Kills happen where a real crash would: at a plugin hook of the test recorder
+plugin (MNGR_RECORDER_KILL), which marks each step of the lifecycle.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from conftest import need
+from test_docker import dk, docker, engine  # noqa: F401  (fixtures)
+
+
+def recorder_installed(cli) -> bool:
+    probe = cli("plugin", "list", "--json")
+    return probe.code == 0 and any(p["name"] == "recorder" for p in json.loads(probe.out))
+
+
+def agents(cli) -> dict:
+    return {row["name"]: row for row in json.loads(cli.ok("list", "--json").out)}
+
+
+# The audit log and the mngr dir -------------------------------------------------
+
+
+def test_enforce_does_not_act_when_it_cannot_write_its_audit_log(mngr_cli):
+    mngr_cli.ok("create", "busy", "--in-place", "--agent-cmd", "sleep 600", "--no-connect",
+                "--max-lifetime", "1s")
+    audit = mngr_cli.home / ".mngr" / "audit.jsonl"
+    audit.mkdir()   # nothing can be appended to it now, not even by root
+    time.sleep(1.2)
+    result = mngr_cli("enforce")
+    assert result.code == 1
+    assert f"cannot write the audit log {audit}" in result.err and "Traceback" not in result.err
+    assert agents(mngr_cli)["busy"]["state"] == "running"     # nothing done without a record
+    audit.rmdir()
+    mngr_cli.ok("enforce")
+    assert agents(mngr_cli)["busy"]["state"] == "stopped"
+    rows = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [r["result"] for r in rows if r["host"] == "local"] == ["acting", "done"]
+
+
+def test_a_read_only_mngr_dir_is_a_clear_error_and_nothing_is_done(mngr_cli):
+    mngr_cli.ok("create", "busy", "--in-place", "--agent-cmd", "sleep 600", "--no-connect",
+                "--max-lifetime", "1s")
+    user_dir = mngr_cli.home / ".mngr"
+    mounted = subprocess.run(["mount", "--bind", str(user_dir), str(user_dir)], capture_output=True)
+    need(mounted.returncode == 0, "bind mounts (root)")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(user_dir)], check=True)
+        time.sleep(1.2)
+        result = mngr_cli("enforce")
+        assert result.code == 1 and "Read-only file system" in result.err, result.err
+        assert "Traceback" not in result.err
+        assert mngr_cli.tmux("has-session", "-t", "=mngr-busy").returncode == 0
+    finally:
+        subprocess.run(["umount", str(user_dir)], check=True)
+    assert agents(mngr_cli)["busy"]["state"] == "running"
+
+
+# A clock that jumps ------------------------------------------------------------------
+
+
+def test_a_clock_jump_back_stops_nothing_and_forward_applies_the_policy(mngr_cli):
+    mngr_cli.ok("create", "w", "--in-place", "--agent-cmd", "sleep 600", "--no-connect",
+                "--idle-mode", "create", "--idle-timeout", "1h")
+    for at in ("-30d", "-1h", "0", "+59m"):
+        result = mngr_cli("enforce", "--dry-run", "--json", f"--at={at}")
+        assert result.code == 0, result.err
+        (row,) = json.loads(result.out)
+        assert row["action"] == "none", (at, row)
+        assert row.get("idle_seconds") is None or row["idle_seconds"] >= 0
+    ahead = json.loads(mngr_cli.ok("enforce", "--dry-run", "--json", "--at", "+2h").out)[0]
+    assert ahead["action"] == "stop" and ahead["result"] == "dry-run"
+    assert agents(mngr_cli)["w"]["state"] == "running"
+    mngr_cli.ok("enforce", "--at", "+2h")             # the clock really jumped: the policy holds
+    assert agents(mngr_cli)["w"]["state"] == "stopped"
+    bad = mngr_cli("enforce", "--at", "yesterday")
+    assert bad.code == 2 and "bad time 'yesterday'" in bad.err
+
+
+# mngr killed in the middle ----------------------------------------------------------
+
+CREATE_STEPS = ("on_before_host_create", "on_host_state_change:starting", "on_before_agent_create",
+                "on_after_host_create", "on_host_state_change:running", "on_after_agent_create")
+COMPLETE = ("on_host_state_change:running", "on_after_agent_create")   # the records say running
+
+
+@pytest.mark.parametrize("step", CREATE_STEPS)
+def test_create_killed_at_each_step_leaves_nothing_running_unlisted(dk, step):
+    need(recorder_installed(dk), "the test plugin mngr-test-recorder (make test installs it)")
+    env = {"MNGR_RECORDER_LOG": str(dk.home / "hooks.jsonl"), "MNGR_RECORDER_KILL": step}
+    label = f"label=com.imbue.mngr.provider={dk.provider}"
+    result = dk("create", "crash", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect",
+                "--starting-timeout", "1s", env=env)
+    assert result.code == -9, (step, result.code, result.err)
+    listed = {row["host_id"] for row in json.loads(dk.ok("list", "--json").out)}
+    running = docker("ps", "-q", "--filter", label).stdout.split()
+    for container in running:   # nothing runs that list does not show
+        host_id = docker("inspect", "-f", '{{index .Config.Labels "com.imbue.mngr.host-id"}}',
+                         container).stdout.strip()
+        assert host_id in listed, (step, host_id, listed)
+    if step in COMPLETE:
+        assert [row["state"] for row in json.loads(dk.ok("list", "--json").out)] == ["running"]
+        return
+    time.sleep(1.2)     # past its starting timeout
+    dk("enforce")       # stuck starting: marked failed, its container stopped
+    assert docker("ps", "-q", "--filter", label).stdout == ""
+    assert all(row["host_state"] == "failed" for row in json.loads(dk.ok("list", "--json").out))
+    dk.ok("gc", "--older-than", "0s")   # and what is left goes
+    assert json.loads(dk.ok("list", "--json").out) == []
+    assert not list((dk.home / ".mngr" / "hosts").glob("*/data.json"))
+    assert docker("ps", "-aq", "--filter", label).stdout == ""
+
+
+def test_a_stop_killed_midway_is_finished_by_the_next_stop_or_enforce(dk):
+    need(recorder_installed(dk), "the test plugin mngr-test-recorder (make test installs it)")
+    env = {"MNGR_RECORDER_LOG": str(dk.home / "hooks.jsonl"),
+           "MNGR_RECORDER_KILL": "on_host_state_change:stopping"}
+    for name in ("again", "forced"):
+        dk.ok("create", name, "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect",
+              "--stopping-timeout", "2s")
+        assert dk("stop", name, env=env).code == -9
+        row = agents(dk)[name]
+        assert row["host_state"] == "stopping"
+        assert docker("inspect", "-f", "{{.State.Running}}", f"mngr-{name}").stdout.strip() == "true"
+    dk.ok("stop", "again")
+    assert agents(dk)["again"]["host_state"] == "stopped"
+    time.sleep(2.2)
+    result = json.loads(dk.ok("enforce", "--json").out)
+    forced = [r for r in result if r["host"] == "forced"][0]
+    assert forced["action"] == "force_stop" and forced["result"] == "done"
+    assert docker("inspect", "-f", "{{.State.Running}}", "mngr-forced").stdout.strip() == "false"
+    assert agents(dk)["forced"]["host_state"] == "stopped"
+
+
+# A full disk under a host's records --------------------------------------------------
+
+
+def test_a_full_disk_during_a_state_write_keeps_the_old_record(dk):
+    dk.ok("create", "full", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect")
+    host_id = agents(dk)["full"]["host_id"]
+    records = dk.home / ".mngr" / "hosts" / host_id
+    saved = dk.home / "saved-records"
+    subprocess.run(["cp", "-a", str(records), str(saved)], check=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(records)],
+                             capture_output=True)
+    need(mounted.returncode == 0, "mounting a tmpfs (root)")
+    try:
+        subprocess.run(f"cp -a {saved}/. {records}/", shell=True, check=True)
+        before = (records / "data.json").read_bytes()
+        filler = records / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1k", "count=1000"], capture_output=True)
+        result = dk("limit", "full", "--idle-timeout", "5m")
+        assert result.code == 1 and "No space left on device" in result.err, result.err
+        assert "Traceback" not in result.err
+        assert (records / "data.json").read_bytes() == before      # the old file, whole
+        row = agents(dk)["full"]
+        assert row["verified"] is True and row["host_state"] == "running"
+        filler.unlink()
+        dk.ok("limit", "full", "--idle-timeout", "5m")
+        assert agents(dk)["full"]["verified"] is True
+        saved_now = dk.home / "saved-now"
+        subprocess.run(["cp", "-a", str(records), str(saved_now)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(records)], capture_output=True)
+    subprocess.run(f"cp -a {saved_now}/. {records}/", shell=True, check=True)
+    assert agents(dk)["full"]["verified"] is True
+
+
+# gc -------------------------------------------------------------------------------------
+
+
+def test_gc_removes_old_failed_hosts_orphaned_worktrees_and_snapshots_of_gone_hosts(dk):
+    cli = dk
+    # a failed docker host
+    settings = cli.home / ".config" / "mngr" / "settings.toml"
+    result = cli("create", "broken", "--in", dk.provider, "--image", "no-such-image:here",
+                 "--agent-cmd", "sleep 1", "--no-connect")
+    assert result.code == 1
+    # a snapshot whose host is then destroyed
+    cli.ok("create", "snapped", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect")
+    snap = json.loads(cli.ok("snapshot", "create", "snapped", "--json").out)
+    snap = snap[0] if isinstance(snap, list) else snap
+    cli.ok("destroy", "-f", "snapped")
+    # a worktree left behind on the local host (destroyed without removing its work)
+    repo = cli.work / "repo"
+    repo.mkdir()
+    for argv in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(["git", "-C", str(repo), *argv], check=True, env=cli.env)
+    cli.ok("create", "wt", "--worktree", "--agent-cmd", "sleep 600", "--no-connect", cwd=repo)
+    worktree = agents(cli)["wt"]["work_dir"]
+    cli.ok("destroy", "-f", "wt")
+    assert os.path.isdir(worktree)
+
+    young = json.loads(cli.ok("gc", "--json").out)   # all younger than the default 7 days
+    assert young == []
+    dry = json.loads(cli.ok("gc", "--older-than", "0s", "--dry-run", "--json").out)
+    kinds = sorted((r["kind"], r["result"]) for r in dry)
+    assert kinds == [("host", "would remove"), ("snapshot", "would remove"), ("worktree", "would remove")]
+    assert os.path.isdir(worktree) and "broken" in agents(cli)
+    done = json.loads(cli.ok("gc", "--older-than", "0s", "--json").out)
+    assert sorted(r["result"] for r in done) == ["removed"] * 3
+    assert "broken" not in agents(cli) and not os.path.isdir(worktree)
+    assert subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "mngr/wt"],
+                          capture_output=True).returncode == 0     # its branch (its commits) stays
+    assert json.loads(cli.ok("snapshot", "list", "--json").out) == []
+    assert json.loads(cli.ok("gc", "--older-than", "0s", "--json").out) == []
+    assert settings.exists()
