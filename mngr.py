@@ -1684,6 +1684,27 @@ def user_dir(env) -> Path:
     return Path(env.get("HOME") or Path.home()) / f".{root_name(env)}"
 
 
+def controller_id(env) -> str:
+    """This controller's id, made once: it marks the containers and instances it makes,
+    so that two controllers using one engine or one account never act on each other's."""
+    path = user_dir(env) / "controller-id"
+    try:
+        text = path.read_text().strip()
+        if is_id(text):
+            return text
+    except FileNotFoundError:
+        pass
+    made = new_id()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # the first of two racing processes wins; both then read the same id
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(made + "\n")
+    except FileExistsError:
+        return path.read_text().strip()
+    return made
+
+
 def config_dir(env) -> Path:
     base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
     return Path(base) / root_name(env)

@@ -134,6 +134,8 @@ class AwsProvider(SshProvider):
         records = self._records()
         latest = {}
         for inst in self._describe():
+            if not self.ours(tags_of(inst).get(f"{TAG}:controller", "")):
+                continue  # another controller's, on the same account
             host_id = tags_of(inst).get(f"{TAG}:host-id", "")
             if host_id not in latest or inst.get("LaunchTime", "") > latest[host_id].get("LaunchTime", ""):
                 latest[host_id] = inst
@@ -340,7 +342,8 @@ class AwsProvider(SshProvider):
         import socket
 
         tags = {f"{TAG}:host-id": record.id, f"{TAG}:host-name": record.name, f"{TAG}:provider": self.name,
-                f"{TAG}:created-by": f"{getpass.getuser()}@{socket.gethostname()}", "Name": f"mngr-{record.name}"}
+                f"{TAG}:created-by": f"{getpass.getuser()}@{socket.gethostname()}",
+                f"{TAG}:controller": self.controller, "Name": f"mngr-{record.name}"}
         argv = ["run-instances", "--image-id", image, "--count", "1",
                 "--instance-type", str(self.conf.get("instance_type") or "t3.small"),
                 "--key-name", key_name, "--instance-initiated-shutdown-behavior", "stop",

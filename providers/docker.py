@@ -141,6 +141,7 @@ class DockerProvider(RecordKeeper):
         ids = self.docker("ps", "-a", "-q", "--no-trunc", "--filter",
                           f"label={LABEL}.provider={self.name}").stdout.split()
         inspected = json.loads(self.docker("inspect", *ids).stdout) if ids else []
+        inspected = [c for c in inspected if self.ours(c["Config"]["Labels"].get(f"{LABEL}.controller", ""))]
         containers = {c["Config"]["Labels"].get(f"{LABEL}.host-id"): c for c in inspected}
         running = [c["Id"] for c in inspected if c["State"]["Running"]]
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -366,7 +367,8 @@ class DockerProvider(RecordKeeper):
 
     def _create_container(self, record: mngr.HostRecord, image: str, args, mounts=()) -> str:
         labels = {"host-id": record.id, "host-name": record.name, "provider": self.name,
-                  "created-at": str(int(record.created_at)), "version": mngr.__version__}
+                  "created-at": str(int(record.created_at)), "version": mngr.__version__,
+                  "controller": self.controller}
         argv = ["create", "--pull", "missing" if getattr(args, "pull", False) else "never",
                 "--name", f"mngr-{record.name}", "--hostname", record.name,
                 "--network", self.egress_network if mngr.grants(record.permissions, "net", "egress")

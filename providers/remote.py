@@ -64,6 +64,14 @@ class RecordKeeper:
     def default_policy(self) -> mngr.IdlePolicy:
         return mngr.default_policy(self.ctx.settings, self.name, trusted=False)
 
+    @property
+    def controller(self) -> str:
+        return mngr.controller_id(self.ctx.env)
+
+    def ours(self, marked: str) -> bool:
+        """A resource's controller mark is ours, or absent (made before marks existed)."""
+        return not marked or marked == self.controller
+
     def forget_host(self, host) -> None:
         """For gc: what is left of a host with no agents, or of a resource of ours that no
         record claims: the resource (when the backend has one) and the records."""

@@ -143,6 +143,7 @@ def test_create_tags_the_instance_and_runs_the_agent(cloud):
     tags = {t["Key"]: t["Value"] for t in inst["Tags"]}
     assert tags["mngr:host-id"] == row["host_id"] and tags["mngr:host-name"] == "web"
     assert tags["mngr:provider"] == PROVIDER and "@" in tags["mngr:created-by"]
+    assert tags["mngr:controller"] == (cloud.cli.home / ".mngr" / "controller-id").read_text().strip()
     assert inst["MetadataOptions"]["HttpTokens"] == "required"
     behaviour = cloud.emulator.ec2("describe-instance-attribute", "--instance-id", inst["InstanceId"],
                                    "--attribute", "instanceInitiatedShutdownBehavior")

@@ -342,3 +342,19 @@ def test_a_deploy_into_a_host_being_stopped_is_refused(dk):
     assert result.code == 1 and "watcher is stopping it" in result.err
     assert rows(dk)["locked"]["verified"]  # nothing half-changed: host and controller agree
     assert json.loads(dk.ok("enforce", "--json", "--provider", dk.provider).out)[0]["action"] == "none"
+
+
+def test_two_controllers_on_one_engine_never_touch_each_others_hosts(dk, tmp_path):
+    from conftest import Mngr
+
+    dk.ok("create", "mine", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect")
+    other_home = tmp_path / "other"
+    other_home.mkdir()
+    other = Mngr(other_home, dk.home, dk.socket + "-other")
+    (other_home / ".config" / "mngr").mkdir(parents=True)
+    (other_home / ".config" / "mngr" / "settings.toml").write_text(
+        (dk.home / ".config" / "mngr" / "settings.toml").read_text())   # the same provider name
+    assert json.loads(other.ok("list", "--json").out) == []
+    result = json.loads(other.ok("enforce", "--json").out)
+    assert result == []                                  # not even a container "without a record"
+    assert rows(dk)["mine"]["state"] == "running"
