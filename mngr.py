@@ -2785,7 +2785,7 @@ def _args_enforce(sp, Parser):
 def parse_when(text) -> float:
     """Epoch seconds, or +DURATION / -DURATION from now."""
     text = str(text).strip()
-    if text[:1] in "+-":
+    if text and text[0] in "+-":
         try:
             return time.time() + (1 if text[0] == "+" else -1) * parse_duration(text[1:])
         except UsageError:
