@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -282,18 +281,9 @@ class AwsProvider(SshProvider):
                 raise mngr.RefusedError(f"an aws host named {plan.name} already exists",
                                         f"pick another name, or add to it: --host {plan.name}")
         args = plan.args
-        now = time.time()
-        host_id = mngr.new_id()
-        store = self.store(host_id)
-        record = mngr.HostRecord(id=host_id, name=plan.name, provider=self.name,
-                                 lifecycle=mngr.Lifecycle("starting", now),
-                                 policy=mngr.apply_policy_flags(self.default_policy(), args),
-                                 created_at=now, permissions=plan.permissions)
-        self.ctx.hook("on_before_host_create", mngr.host_info(record, self.name))
-        store.host_dir.skeleton()
-        store.write_host(record)
-        store.versions.save()
-        self.ctx.state_changed(None, record, self.name)
+        record, store = self._new_host(plan.name, args, plan.permissions)
+        host_id, now = record.id, record.created_at
+        self._begin_host(record, store)
         instance_id = ""
         try:
             image = self._snapshot_image(args.snapshot)["ImageId"] if args.snapshot else self.conf["ami"]
@@ -322,9 +312,7 @@ class AwsProvider(SshProvider):
                     mngr.warn(f"could not terminate {instance_id} (it is tagged mngr:host-id="
                               f"{host_id}; mngr enforce stops it): {cleanup.line()}")
             self._forget_key(host_id)
-            shutil.rmtree(store.host_dir.root, ignore_errors=True)
-            gone = replace(record, lifecycle=mngr.Lifecycle("destroyed", time.time()))
-            self.ctx.state_changed(record, gone, self.name)
+            self._drop_records(record)
             if isinstance(exc, mngr.MngrError) and not exc.hint:
                 exc.hint = "its instance was terminated; fix the cause and create again"
             raise
@@ -447,8 +435,17 @@ class AwsProvider(SshProvider):
         if record.lifecycle.state == "stopping":
             record = self._set_state(store, record, "stopped")
         record = self._set_state(store, record, "starting")
-        try:
+
+        def start() -> str:
             self.aws("start-instances", "--instance-ids", instance_id)
+            return instance_id
+        return self._boot(view, store, record, start)
+
+    def _boot(self, view, store, record, launch):
+        """starting -> running: launch (returns the instance id), wait until it answers, send
+        the records and start the agent; failed if any of it fails."""
+        try:
+            instance_id = launch()
             machine = self._ready(record, instance_id, store)
             running = self._set_state(store, record, "running", write=False)
             self._deploy(machine, store, start=[view.record.id], records=[running], new_host=True)
@@ -506,24 +503,16 @@ class AwsProvider(SshProvider):
     @one_at_a_time
     def destroy_agent(self, view, remove_work: bool, discard_changes: bool) -> None:
         host = view.host
-        store = self.store(host.record.id)
-        record, _ = store.read_host()
-        if len(record.agents) > 1:
+        if len(self.store(host.record.id).read_host()[0].agents) > 1:
             return SshProvider.destroy_agent(self, view, remove_work, discard_changes)
-        info = mngr.host_info(record, self.name)
-        agent = mngr.agent_info(view.record, info, view.state)
-        self.ctx.hook("on_before_agent_destroy", agent)
+        store, record, info, agent, _ = self._destroying(view)
         self.ctx.hook("on_before_host_destroy", info)
         if host.facts.get("machine") and host.reachable:  # an instance may be a machine kept
             self._stop_at_boot(host.facts["machine"], record.id)  # after it: say nothing more
         if host.facts.get("exists"):
             self.aws("terminate-instances", "--instance-ids", host.facts["id"])
         self._forget_key(record.id)
-        shutil.rmtree(store.host_dir.root, ignore_errors=True)
-        self.ctx.hook("on_after_agent_destroy", agent)
-        gone = replace(record, lifecycle=mngr.Lifecycle("destroyed", time.time()))
-        self.ctx.state_changed(record, gone, self.name)
-        self.ctx.hook("on_after_host_destroy", mngr.host_info(gone, self.name))
+        self._host_destroyed(record, agent)
 
     def _remove_resource(self, host) -> None:
         if host.facts.get("exists"):
@@ -584,16 +573,8 @@ class AwsProvider(SshProvider):
             if record.lifecycle.state == "stopping":
                 record = self._set_state(store, record, "stopped")
         record = self._set_state(store, record, "starting")
-        try:
-            instance_id = self._run_instance(record, image, self._key_name(record.id))
-            machine = self._ready(record, instance_id, store)
-            running = self._set_state(store, record, "running", write=False)
-            self._deploy(machine, store, start=[view.record.id], records=[running], new_host=True)
-        except BaseException:
-            self._set_state(store, store.read_host()[0], "failed")
-            raise
-        return self._fresh_view(running, view.record, {"id": instance_id, "status": "running",
-                                                       "machine": machine, "reachable": True})
+        return self._boot(view, store, record,
+                          lambda: self._run_instance(record, image, self._key_name(record.id)))
 
     def _key_name(self, host_id: str) -> str:
         return str(self.conf["key_name"]) if self.conf.get("key_name") else f"mngr-{host_id}"

@@ -219,20 +219,12 @@ class DockerProvider(RecordKeeper):
             if record.name == plan.name:
                 raise mngr.RefusedError(f"a docker host named {plan.name} already exists",
                                         f"pick another name, or add to it: --host {plan.name}")
-        now = time.time()
-        host_id = mngr.new_id()
-        store = self.store(host_id)
         building = not args.snapshot and (bool(args.dockerfile)
                                           or not (args.image or self.conf.get("image")))
-        policy = mngr.apply_policy_flags(self.default_policy(), args)
-        record = mngr.HostRecord(id=host_id, name=plan.name, provider=self.name,
-                                 lifecycle=mngr.Lifecycle("building" if building else "starting", now),
-                                 policy=policy, created_at=now, permissions=plan.permissions)
-        self.ctx.hook("on_before_host_create", mngr.host_info(record, self.name))
-        store.host_dir.skeleton()
-        store.write_host(record)
-        store.versions.save()
-        self.ctx.state_changed(None, record, self.name)
+        record, store = self._new_host(plan.name, args, plan.permissions,
+                                       "building" if building else "starting")
+        host_id, now = record.id, record.created_at
+        self._begin_host(record, store)
         container = ""
         try:
             if args.snapshot:
@@ -682,12 +674,7 @@ class DockerProvider(RecordKeeper):
     def destroy_agent(self, view, remove_work: bool, discard_changes: bool) -> None:
         """Forget the agent; a host left with no agents is removed with its container."""
         host = view.host
-        store = self.store(host.record.id)
-        record, _ = store.read_host()
-        info = mngr.host_info(record, self.name)
-        agent = mngr.agent_info(view.record, info, view.state)
-        self.ctx.hook("on_before_agent_destroy", agent)
-        remaining = tuple(a for a in record.agents if a != view.record.id)
+        store, record, info, agent, remaining = self._destroying(view)
         if not remaining:  # the host goes, with everything mngr made for it
             self.ctx.hook("on_before_host_destroy", info)
             if host.facts.get("exists"):
@@ -696,11 +683,7 @@ class DockerProvider(RecordKeeper):
                                 f"label={LABEL}.built-for={host.record.id}").stdout.split()
             if built:
                 self.docker("rmi", "-f", *set(built), check=False)
-            shutil.rmtree(store.host_dir.root, ignore_errors=True)
-            self.ctx.hook("on_after_agent_destroy", agent)
-            gone = replace(record, lifecycle=mngr.Lifecycle("destroyed", time.time()))
-            self.ctx.state_changed(record, gone, self.name)
-            self.ctx.hook("on_after_host_destroy", mngr.host_info(gone, self.name))
+            self._host_destroyed(record, agent)
             return
         if host.facts.get("running"):
             self.tmux(host.facts["id"]).kill(view.record.session)

@@ -64,6 +64,53 @@ class RecordKeeper:
     def default_policy(self) -> mngr.IdlePolicy:
         return mngr.default_policy(self.ctx.settings, self.name, trusted=False)
 
+    def _new_host(self, name: str, args, permissions, state: str = "starting"):
+        """A new host's record and store: its policy from settings and the flags, announced
+        to plugins (on_before_host_create) but not yet written."""
+        now = time.time()
+        host_id = mngr.new_id()
+        record = mngr.HostRecord(id=host_id, name=name, provider=self.name,
+                                 lifecycle=mngr.Lifecycle(state, now),
+                                 policy=mngr.apply_policy_flags(self.default_policy(), args),
+                                 created_at=now, permissions=permissions)
+        self.ctx.hook("on_before_host_create", mngr.host_info(record, self.name))
+        return record, self.store(host_id)
+
+    def _begin_host(self, record, store) -> None:
+        """The new host's record, written: from here on it is visible."""
+        store.host_dir.skeleton()
+        store.write_host(record)
+        store.versions.save()
+        self.ctx.state_changed(None, record, self.name)
+
+    def _destroying(self, view):
+        """The start of destroying an agent: (store, host record, host info, agent info, the
+        host's other agents), with on_before_agent_destroy called."""
+        store = self.store(view.host.record.id)
+        record, _ = store.read_host()
+        info = mngr.host_info(record, self.name)
+        agent = mngr.agent_info(view.record, info, view.state)
+        self.ctx.hook("on_before_agent_destroy", agent)
+        return store, record, info, agent, tuple(a for a in record.agents if a != view.record.id)
+
+    def _host_destroyed(self, record, agent) -> None:
+        """The end of destroying a host with its last agent: the records go, and plugins hear."""
+        import shutil
+
+        shutil.rmtree(self.records_root / record.id, ignore_errors=True)
+        self.ctx.hook("on_after_agent_destroy", agent)
+        gone = replace(record, lifecycle=mngr.Lifecycle("destroyed", time.time()))
+        self.ctx.state_changed(record, gone, self.name)
+        self.ctx.hook("on_after_host_destroy", mngr.host_info(gone, self.name))
+
+    def _drop_records(self, record) -> None:
+        """mngr's records of a host, gone (the host with them)."""
+        import shutil
+
+        shutil.rmtree(self.records_root / record.id, ignore_errors=True)
+        self.ctx.state_changed(record, replace(record, lifecycle=mngr.Lifecycle("destroyed", time.time())),
+                               self.name)
+
     @property
     def controller(self) -> str:
         return mngr.controller_id(self.ctx.env)
@@ -77,11 +124,7 @@ class RecordKeeper:
         record claims: the resource (when the backend has one) and the records."""
         self._remove_resource(host)
         if host.record is not None:
-            import shutil
-
-            shutil.rmtree(self.records_root / host.record.id, ignore_errors=True)
-            gone = replace(host.record, lifecycle=mngr.Lifecycle("destroyed", time.time()))
-            self.ctx.state_changed(host.record, gone, self.name)
+            self._drop_records(host.record)
 
     def _remove_resource(self, host) -> None:
         """The container or instance behind a host, if the backend has one."""

@@ -530,22 +530,13 @@ class SshProvider(RecordKeeper):
         return self._create_host(plan)
 
     def _create_host(self, plan: SshPlan):
-        machine, args = plan.machine, plan.args
-        now = time.time()
-        host_id = mngr.new_id()
-        store = self.store(host_id)
-        record = mngr.HostRecord(id=host_id, name=machine.name, provider=self.name,
-                                 lifecycle=mngr.Lifecycle("starting", now),
-                                 policy=mngr.apply_policy_flags(self.default_policy(), args),
-                                 created_at=now, permissions=plan.permissions)
-        self.ctx.hook("on_before_host_create", mngr.host_info(record, self.name))
+        machine = plan.machine
+        record, store = self._new_host(machine.name, plan.args, plan.permissions)
+        host_id, now = record.id, record.created_at
         with mngr.FileLock(self.records_root / f".machine-{self.name}-{machine.name}.lock"):
             if any(r.name == machine.name for _, r in self._records()):
                 raise mngr.RefusedError(f"machine {machine.name} got a host meanwhile", "run it again")
-            store.host_dir.skeleton()
-            store.write_host(record)
-            store.versions.save()
-        self.ctx.state_changed(None, record, self.name)
+            self._begin_host(record, store)
         work_made, installed = "", False
         try:
             home = self._install(machine)
@@ -567,9 +558,7 @@ class SshProvider(RecordKeeper):
             # nothing half-made: what went onto the machine goes, and the record with it
             if installed:
                 self._remove_from_machine(machine, work_made, whole_host_dir=True)
-            shutil.rmtree(store.host_dir.root, ignore_errors=True)
-            gone = replace(record, lifecycle=mngr.Lifecycle("destroyed", time.time()))
-            self.ctx.state_changed(record, gone, self.name)
+            self._drop_records(record)
             if isinstance(exc, mngr.MngrError) and not exc.hint:
                 exc.hint = "nothing was left on the machine; fix the cause and create again"
             raise
@@ -876,12 +865,7 @@ class SshProvider(RecordKeeper):
         """Forget the agent and remove its work dir there; with its last agent the host
         dir goes too (the machine stays, configured)."""
         host = view.host
-        store = self.store(host.record.id)
-        record, _ = store.read_host()
-        info = mngr.host_info(record, self.name)
-        agent = mngr.agent_info(view.record, info, view.state)
-        self.ctx.hook("on_before_agent_destroy", agent)
-        remaining = tuple(a for a in record.agents if a != view.record.id)
+        store, record, info, agent, remaining = self._destroying(view)
         machine = self._known_machine(host)
         if machine is not None and host.reachable:
             try:
@@ -898,11 +882,7 @@ class SshProvider(RecordKeeper):
             elif machine is not None:
                 mngr.warn(f"machine {host.name} is unreachable: its host dir and "
                           f"{view.record.work_dir} stay there")
-            shutil.rmtree(store.host_dir.root, ignore_errors=True)
-            self.ctx.hook("on_after_agent_destroy", agent)
-            gone = replace(record, lifecycle=mngr.Lifecycle("destroyed", time.time()))
-            self.ctx.state_changed(record, gone, self.name)
-            self.ctx.hook("on_after_host_destroy", mngr.host_info(gone, self.name))
+            self._host_destroyed(record, agent)
             return
         kept = [store.read_agent(a)[0] for a in remaining]
         record = replace(record, agents=remaining, version=store.next_version(record.id, record.version),
