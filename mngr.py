@@ -612,8 +612,12 @@ def verify_document(document, keyring: Keyring, kind: str, record_id: str = "",
     import hmac
 
     signature = document.get("signature")
+    try:  # a payload a host wrote may not even encode (lone surrogates, huge numbers)
+        expected = signature_for(key.secret, payload)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        return Verification(False, "malformed")
     if not isinstance(signature, str) or not hmac.compare_digest(
-            signature.encode(), signature_for(key.secret, payload).encode()):
+            signature.encode(errors="replace"), expected.encode()):
         return Verification(False, "bad signature")
     if payload.get("kind") != kind or (record_id and payload.get("id") != record_id):
         return Verification(False, "wrong record")
@@ -1331,15 +1335,17 @@ class Watcher:
             self.log("stopping_host", how="pid1")
             os.kill(1, signal.SIGTERM)
             return
-        stop_here(self.host_dir, self.tmux, live)
-        self.log("stopped_agents", sessions=live, how=self.on_stop)
-        if self.on_stop == "shutdown":
-            self.log("shutting_down", command=self.shutdown_command)
-            result = run(["sh", "-c", self.shutdown_command], check=False, timeout=HOOK_TIMEOUT)
-            if result.returncode != 0:
-                self.log("error", error=f"shutdown failed (exit {result.returncode}): "
-                                        f"{result.stderr.strip()[-300:]}")
-        self.host_dir.deploy_lock.mkdir(exist_ok=True)  # the host stays up: release the lock
+        try:
+            stop_here(self.host_dir, self.tmux, live)
+            self.log("stopped_agents", sessions=live, how=self.on_stop)
+            if self.on_stop == "shutdown":
+                self.log("shutting_down", command=self.shutdown_command)
+                result = run(["sh", "-c", self.shutdown_command], check=False, timeout=HOOK_TIMEOUT)
+                if result.returncode != 0:
+                    self.log("error", error=f"shutdown failed (exit {result.returncode}): "
+                                            f"{result.stderr.strip()[-300:]}")
+        finally:
+            self.host_dir.deploy_lock.mkdir(exist_ok=True)  # the host stays up: release the lock
 
     def round(self) -> str:
         """One look: 'stopped', 'idle' (nothing to watch), or 'watching'."""
@@ -1688,21 +1694,22 @@ def controller_id(env) -> str:
     """This controller's id, made once: it marks the containers and instances it makes,
     so that two controllers using one engine or one account never act on each other's."""
     path = user_dir(env) / "controller-id"
-    try:
-        text = path.read_text().strip()
-        if is_id(text):
-            return text
-    except FileNotFoundError:
-        pass
-    made = new_id()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:  # the first of two racing processes wins; both then read the same id
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(made + "\n")
-    except FileExistsError:
-        return path.read_text().strip()
-    return made
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        made = path.with_name(f".controller-id.{os.getpid()}")
+        made.write_text(new_id() + "\n")
+        try:  # whole or not at all; the first of two racing processes wins
+            os.link(made, path)
+        except FileExistsError:
+            pass
+        finally:
+            made.unlink()
+    text = path.read_text().strip()
+    if not is_id(text):
+        raise ConfigError(f"{path} is damaged: it must hold this controller's id",
+                          "restore it from a backup: the containers and instances made by this "
+                          "controller are marked with it")
+    return text
 
 
 def config_dir(env) -> Path:
@@ -3339,9 +3346,10 @@ def enforce_once(args, ctx) -> int:
             hosts = ctx.collect_from(provider)
         except PluginError:
             raise
-        except MngrError as exc:
+        except Exception as exc:  # down, or a bug: the other providers are still checked
+            line = exc.line() if isinstance(exc, MngrError) else f"internal error: {type(exc).__name__}: {exc}"
             row = {"provider": provider.name, "host": "", "action": "none", "result": "error",
-                   "error": f"could not list hosts: {exc.line()}"}
+                   "error": f"could not list hosts: {line}"}
             rows.append(row)
             _audit(audit, row, args.dry_run)
             code = max(code, EXIT_UNREACHABLE)
@@ -3595,6 +3603,8 @@ def cmd_host(args, ctx) -> int:
         for key in ("identity", "host_dir", "work_root", "agent_user"):
             if getattr(args, key):
                 conf[key] = getattr(args, key)
+        if args.identity:  # cron runs enforce elsewhere: the key's path must not depend on cwd
+            conf["identity"] = str(Path(args.identity).expanduser().resolve())
         if args.identity and not Path(args.identity).expanduser().is_file():
             raise UsageError(f"no identity file at {args.identity}", "give the private key's path")
         conf["allow_shutdown"] = args.allow_shutdown

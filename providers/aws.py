@@ -131,12 +131,15 @@ class AwsProvider(SshProvider):
 
     def collect(self) -> list:
         records = self._records()
-        latest = {}
+        latest, extra = {}, []
         for inst in self._describe():
             if not self.ours(tags_of(inst).get(f"{TAG}:controller", "")):
                 continue  # another controller's, on the same account
             host_id = tags_of(inst).get(f"{TAG}:host-id", "")
-            if host_id not in latest or inst.get("LaunchTime", "") > latest[host_id].get("LaunchTime", ""):
+            if host_id in latest:  # two live instances for one host: the older one is a stray
+                older, latest[host_id] = sorted([latest[host_id], inst], key=lambda i: i.get("LaunchTime", ""))
+                extra.append(older)
+            else:
                 latest[host_id] = inst
         pairs = [(store, record, self._facts(latest.pop(record.id, None), record, store))
                  for store, record in records]
@@ -155,7 +158,7 @@ class AwsProvider(SshProvider):
             if facts.get("ssh_error") and host.record.policy.trust == "trusted":
                 host.reachable, host.error = False, facts["ssh_error"]
             hosts.append(host)
-        for inst in latest.values():  # tagged as ours, with no record: fails closed
+        for inst in list(latest.values()) + extra:  # ours, claimed by no record: fails closed
             hosts.append(mngr.HostView(self, None, mngr.Verification(False, "missing"),
                                        facts=self._facts(inst, None, None)))
         return hosts
@@ -332,7 +335,8 @@ class AwsProvider(SshProvider):
         tags = {f"{TAG}:host-id": record.id, f"{TAG}:host-name": record.name, f"{TAG}:provider": self.name,
                 f"{TAG}:created-by": f"{getpass.getuser()}@{socket.gethostname()}",
                 f"{TAG}:controller": self.controller, "Name": f"mngr-{record.name}"}
-        argv = ["run-instances", "--image-id", image, "--count", "1",
+        token = f"{record.id[:20]}-{os.urandom(6).hex()}"   # retries of this launch: one instance
+        argv = ["run-instances", "--image-id", image, "--count", "1", "--client-token", token,
                 "--instance-type", str(self.conf.get("instance_type") or "t3.small"),
                 "--key-name", key_name, "--instance-initiated-shutdown-behavior", "stop",
                 "--metadata-options", "HttpTokens=required,HttpEndpoint=enabled",
@@ -350,7 +354,13 @@ class AwsProvider(SshProvider):
         deadline = time.monotonic() + self.ready_timeout
         shown = ""
         while True:
-            inst = self._describe(instance_id)[0]
+            try:
+                inst = self._describe(instance_id)[0]
+            except mngr.CommandFailedError as exc:  # a new instance may not be visible at once
+                if "InvalidInstanceID.NotFound" not in exc.message or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+                continue
             status = inst["State"]["Name"]
             if status != shown and sys.stderr.isatty():
                 print(f"mngr: {instance_id}: {status}", file=sys.stderr)
@@ -432,8 +442,7 @@ class AwsProvider(SshProvider):
             return self._fresh_view(record, view.record, dict(host.facts))
         instance_id = self._instance(host)
         record, _ = store.read_host()
-        if record.lifecycle.state == "stopping":
-            record = self._set_state(store, record, "stopped")
+        record = self._now_stopped(store, record)
         record = self._set_state(store, record, "starting")
 
         def start() -> str:
@@ -480,17 +489,13 @@ class AwsProvider(SshProvider):
         if host.facts.get("machine") and not kill_all:
             machine = host.facts["machine"]
             try:
-                self.ssh.run(machine, self._stop_script(machine), timeout=mngr.HOOK_TIMEOUT)
+                self.ssh.run(machine, self._stop_script(machine, False, False),
+                             timeout=mngr.HOOK_TIMEOUT + 30)
             except mngr.MngrError as exc:
                 mngr.warn(f"stop hooks on {host.name} did not run: {exc.line()}")
         self.aws("stop-instances", "--instance-ids", instance_id, *(["--force"] if kill_all else []))
         if record.lifecycle.state != "failed":
             self._set_state(store, record, "stopped")
-
-    def _stop_script(self, machine: Machine) -> str:
-        from .ssh import in_host, prelude
-
-        return prelude(machine) + in_host(machine, "host-stop", "--tmux-socket", machine.tmux_socket)
 
     @one_at_a_time
     def mark_failed(self, host) -> None:
@@ -556,7 +561,14 @@ class AwsProvider(SshProvider):
                                  "see mngr snapshot list")
 
     def snapshot_destroy(self, snapshot_id: str) -> None:
-        self.aws("deregister-image", "--image-id", self._snapshot_image(snapshot_id)["ImageId"])
+        """The image, then the EBS snapshots behind it (deregistering leaves them, and
+        they cost money)."""
+        image = self._snapshot_image(snapshot_id)
+        self.aws("deregister-image", "--image-id", image["ImageId"])
+        for mapping in image.get("BlockDeviceMappings") or []:
+            snapshot = (mapping.get("Ebs") or {}).get("SnapshotId")
+            if snapshot:
+                self.aws("delete-snapshot", "--snapshot-id", snapshot)
 
     @one_at_a_time
     def start_from_snapshot(self, view, snapshot_id: str):
@@ -567,12 +579,7 @@ class AwsProvider(SshProvider):
         if host.facts.get("exists"):
             self.aws("terminate-instances", "--instance-ids", host.facts["id"])
         record, _ = store.read_host()
-        if record.lifecycle.state in ("running", "stopping"):
-            record = self._set_state(store, record, "stopping" if record.lifecycle.state == "running"
-                                     else "stopped")
-            if record.lifecycle.state == "stopping":
-                record = self._set_state(store, record, "stopped")
-        record = self._set_state(store, record, "starting")
+        record = self._set_state(store, self._now_stopped(store, record), "starting")
         return self._boot(view, store, record,
                           lambda: self._run_instance(record, image, self._key_name(record.id)))
 

@@ -167,8 +167,8 @@ class DockerProvider(RecordKeeper):
             return {"error": (result.stderr.strip().splitlines() or ["host-report failed"])[-1][:200]}
         try:
             return clean_report(json.loads(result.stdout))
-        except (ValueError, TypeError) as exc:
-            return {"error": f"malformed: {exc}"[:200]}
+        except Exception as exc:  # the host wrote it: any failure to read it is its own
+            return {"error": f"malformed: {type(exc).__name__}: {exc}"[:200]}
 
     @staticmethod
     def _facts(container) -> dict:
@@ -476,8 +476,7 @@ class DockerProvider(RecordKeeper):
             record = view.host.record
         else:  # boot the host; the watcher comes back with PID 1
             record, _ = store.read_host()
-            if record.lifecycle.state == "stopping":  # a stop that never finished: it has now
-                record = self._set_state(store, record, "stopped")
+            record = self._now_stopped(store, record)
             record = self._set_state(store, record, "starting")
             self._cp_in(container, self._files(store))
             try:

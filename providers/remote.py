@@ -103,6 +103,14 @@ class RecordKeeper:
         self.ctx.state_changed(record, gone, self.name)
         self.ctx.hook("on_after_host_destroy", mngr.host_info(gone, self.name))
 
+    def _now_stopped(self, store, record):
+        """A host found not running while its record says running or stopping (its watcher
+        powered it off, someone stopped it outside mngr, or a stop never finished): the
+        record says stopped now, so it can be started again."""
+        if record.lifecycle.state in ("running", "stopping"):
+            return self._set_state(store, record, "stopped")
+        return record
+
     def _drop_records(self, record) -> None:
         """mngr's records of a host, gone (the host with them)."""
         import shutil
@@ -317,7 +325,11 @@ class RecordKeeper:
             new = mngr.Store(old.host_dir, keyring, self.ctx.versions)
             count += mngr.resign_host(old, new, record)
             if record.id in hosts and hosts[record.id].facts.get("exists"):
-                self._push(hosts[record.id], new)
+                try:
+                    self._push(hosts[record.id], new)
+                except mngr.MngrError as exc:  # one unreachable host does not stop the rest
+                    mngr.warn(f"{record.name} keeps its old signatures until it is reachable "
+                              f"(run keys rotate again then): {exc.line()}")
         return count
 
 

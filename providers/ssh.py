@@ -33,6 +33,7 @@ import mngr
 from .remote import CopyPlan, RecordKeeper, clean_report, need_terminal, one_at_a_time
 
 CONTROL_PERSIST = 300          # seconds an idle control master stays up
+REPORT_TIMEOUT = 20            # seconds the in-host part of a report may take
 CONNECT_TIMEOUT = 10           # seconds to set up a connection
 CALL_TIMEOUT = 60.0            # seconds for one remote command, unless told
 COPY_TIMEOUT = 1800.0          # seconds for copying a work dir
@@ -441,10 +442,14 @@ class SshProvider(RecordKeeper):
     def _report(self, machine: Machine):
         """(facts, report) of a machine in one ssh call: its boot time, read as the user
         mngr connects as (certified), then what the copied-in mngr.py reports."""
+        # the in-host part is the agents' code: bounded, and never allowed to pass for ssh
+        # failing (exit 255), so a host cannot make itself look unreachable
         script = (prelude(machine) +
                   f"printf '{FACTS_MARK} %s\\n' \"$(sed -n 's/^btime //p' /proc/stat)\"; "
-                  f"[ -f \"$D/bin/mngr.py\" ] || {{ echo {NO_REPORT_MARK}; exit 0; }}; "
-                  + in_host(machine, "host-report", "--tmux-socket", machine.tmux_socket))
+                  f"$AS test -f \"$D/bin/mngr.py\" || {{ echo {NO_REPORT_MARK}; exit 0; }}; "
+                  f"T=; command -v timeout >/dev/null 2>&1 && T='timeout -s KILL {REPORT_TIMEOUT}'; "
+                  + "$T " + in_host(machine, "host-report", "--tmux-socket", machine.tmux_socket)
+                  + '; R=$?; [ "$R" -eq 255 ] && R=254; exit "$R"')
         try:
             result = self.ssh.run(machine, script)
         except mngr.MngrError as exc:
@@ -464,8 +469,8 @@ class SshProvider(RecordKeeper):
             return facts, {"error": tail[:200]}
         try:
             return facts, clean_report(json.loads(rest))
-        except (ValueError, TypeError) as exc:
-            return facts, {"error": f"malformed: {exc}"[:200]}
+        except Exception as exc:  # the host wrote it: any failure to read it is its own
+            return facts, {"error": f"malformed: {type(exc).__name__}: {exc}"[:200]}
 
     def observe(self, host, now: float) -> mngr.Observation:
         if not host.reachable:  # never judged on missing information
@@ -683,7 +688,7 @@ class SshProvider(RecordKeeper):
                      "--interval", self.interval]
             if machine.shutdown_command:
                 argv += ["--shutdown-command", machine.shutdown_command]
-        script = (prelude(machine) + '[ -f "$D/bin/mngr.py" ] || { echo "its host dir is gone" >&2; '
+        script = (prelude(machine) + '$AS test -f "$D/bin/mngr.py" || { echo "its host dir is gone" >&2; '
                   'exit 1; }; ' + "B=$(sed -n 's/^btime //p' /proc/stat); "
                   + in_host(machine, *argv) + (' --boot-time "$B"' if "--watcher" in argv else ""))
         result = self.ssh.run(machine, script, input=stream.getvalue(), text=True)
@@ -707,7 +712,7 @@ class SshProvider(RecordKeeper):
             return
         script = prelude(machine)
         if whole_host_dir:  # its watcher goes with it, first (it writes into the host dir)
-            script += ('P=$(cat "$D/watcher.pid" 2>/dev/null) && kill "$P" 2>/dev/null && '
+            script += ('P=$(cat "$D/watcher.pid" 2>/dev/null) && $AS kill "$P" 2>/dev/null && '
                        'for i in $(seq 50); do kill -0 "$P" 2>/dev/null || break; sleep 0.1; done; ')
         script += "$AS rm -rf " + " ".join(paths)
         try:
@@ -791,17 +796,8 @@ class SshProvider(RecordKeeper):
         record, _ = store.read_host()
         if record.lifecycle.state == "running":
             record = self._set_state(store, record, "stopping")
-        script = (prelude(machine) + in_host(machine, "host-stop", "--tmux-socket", machine.tmux_socket)
-                  + "; S=$?; ")
-        if kill_all:
-            script += f"$AS tmux -L {shlex.quote(machine.tmux_socket)} kill-server 2>/dev/null; S=0; "
-        if machine.agent_user:  # the agents' user keeps nothing running (unless it is us)
-            script += f"[ \"$(id -un)\" = {machine.agent_user} ] || pkill -KILL -u {machine.agent_user}; "
-        if power_off and machine.allow_shutdown:
-            script += (machine.shutdown_command or 'if [ "$(id -u)" = 0 ]; then shutdown -h now; '
-                       'else sudo -n shutdown -h now; fi') + "; "
-        script += "exit $S"
-        result = self.ssh.run(machine, script, timeout=mngr.HOOK_TIMEOUT + 30)
+        result = self.ssh.run(machine, self._stop_script(machine, power_off, kill_all),
+                              timeout=mngr.HOOK_TIMEOUT + 30)
         if result.returncode != 0:
             tail = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
             raise mngr.CommandFailedError(f"stopping agents on machine {machine.name} failed: {tail}",
@@ -815,6 +811,30 @@ class SshProvider(RecordKeeper):
                 self._keep(store, [record])
             self.ctx.state_changed(host.record, record, self.name)
 
+    @staticmethod
+    def _stop_script(machine: Machine, power_off: bool, kill_all: bool) -> str:
+        """Stop hooks and agents (the agents' own code: bounded, never trusted to finish),
+        then, whatever it did: with agent_user every process of that user, when forced
+        their tmux server, and with allow_shutdown the power. Exit: that of the hooks,
+        or 0 once everything was killed."""
+        script = (prelude(machine) + "T=; command -v timeout >/dev/null 2>&1 && "
+                  f"T='timeout -s KILL {int(mngr.HOOK_TIMEOUT)}'; $T "
+                  + in_host(machine, "host-stop", "--tmux-socket", machine.tmux_socket) + "; S=$?; ")
+        if kill_all:
+            script += f"$AS tmux -L {shlex.quote(machine.tmux_socket)} kill-server 2>/dev/null; S=0; "
+        if machine.agent_user:  # the agents' user keeps nothing running (unless it is us)
+            # (whatever the hooks did: once nothing of that user runs, the host is stopped)
+            # (a killed process is a zombie until reaped: not running, not counted)
+            alive = f"ps -u {machine.agent_user} -o stat= | grep -qv '^Z'"
+            script += (f'[ "$(id -un)" = {machine.agent_user} ] || {{ $AS kill -KILL -1 2>/dev/null; '
+                       f'! {alive} || sleep 0.2; '
+                       f'if {alive}; then echo "processes of '
+                       f'{machine.agent_user} survived" >&2; S=1; else S=0; fi; }}; ')
+        if power_off and machine.allow_shutdown:
+            script += (machine.shutdown_command or 'if [ "$(id -u)" = 0 ]; then shutdown -h now; '
+                       'else sudo -n shutdown -h now; fi') + "; "
+        return script + "exit $S"
+
     @one_at_a_time
     def mark_failed(self, host) -> None:
         store = self.store(host.record.id)
@@ -822,8 +842,8 @@ class SshProvider(RecordKeeper):
         if host.reachable:
             try:
                 machine = self._machine_of(host)
-                self.ssh.run(machine, prelude(machine) + in_host(machine, "host-stop", "--tmux-socket",
-                                                                 machine.tmux_socket))
+                self.ssh.run(machine, self._stop_script(machine, False, True),
+                             timeout=mngr.HOOK_TIMEOUT + 30)
             except mngr.MngrError as exc:
                 mngr.warn(f"could not stop agents on {host.name}: {exc.line()}")
         self._set_state(store, record, "failed")
@@ -844,8 +864,9 @@ class SshProvider(RecordKeeper):
         env = mngr.read_env_file(self.store(view.host.record.id).host_dir.agent_dir(view.record.id) / "env")
         env.update(MNGR_AGENT_NAME=view.record.name, MNGR_AGENT_ID=view.record.id)
         assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items()))
-        script = (prelude(machine) + f"cd {shlex.quote(view.record.work_dir)} || exit 1; "
-                  f'exec $AS env MNGR_HOST_DIR="$D" {assignments} sh -c {shlex.quote(shell_command)}')
+        script = (prelude(machine) + f'exec $AS env MNGR_HOST_DIR="$D" {assignments} sh -c '
+                  + shlex.quote('cd "$1" || exit 1; shift; exec sh -c "$@"') + " sh "
+                  + shlex.quote(view.record.work_dir) + " " + shlex.quote(shell_command))
         return mngr.run(self.ssh.argv(machine, "sh -c " + shlex.quote(script)), env=self.ssh.env,
                         capture=False, check=False, timeout=timeout,
                         what=f"exec in {view.record.name}").returncode
@@ -866,13 +887,14 @@ class SshProvider(RecordKeeper):
         dir goes too (the machine stays, configured)."""
         host = view.host
         store, record, info, agent, remaining = self._destroying(view)
-        machine = self._known_machine(host)
-        if machine is not None and host.reachable:
+        machine = self._known_machine(host)   # None: no longer configured, or not running
+        live = machine is not None and host.reachable
+        if live:
             try:
                 self.tmux(machine).kill(view.record.session)
             except mngr.MngrError:
                 pass
-        elif remaining:
+        elif remaining and not host.reachable:  # its other agents' records must reach it
             raise mngr.UnreachableError(f"machine {host.name} cannot be reached: {host.error}",
                                         "try again when it answers")
         if not remaining:
@@ -888,7 +910,10 @@ class SshProvider(RecordKeeper):
         record = replace(record, agents=remaining, version=store.next_version(record.id, record.version),
                          permissions=mngr.permission_union([a.permissions for a in kept if a]))
         self._push(host, store, [record])
-        self._remove_from_machine(machine, view.record.work_dir, agent_id=view.record.id)
+        if live:
+            self._remove_from_machine(machine, view.record.work_dir, agent_id=view.record.id)
+        else:
+            mngr.warn(f"{host.name} is not running: {view.record.work_dir} stays on its disk")
         shutil.rmtree(store.host_dir.agent_dir(view.record.id), ignore_errors=True)
         self.ctx.hook("on_after_agent_destroy", agent)
 

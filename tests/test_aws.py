@@ -189,6 +189,11 @@ def test_stop_and_start_map_instance_states(cloud):
     agents = cloud.agents()
     assert agents["s"]["host_state"] == "running" and agents["s"]["state"] == "running"
     assert agents["s"]["verified"] is True
+    # stopped outside mngr (the console, or its watcher powering it off): shown, and startable
+    cloud.emulator.ec2("stop-instances", "--instance-ids", cloud.instance_of(row["host_id"])["InstanceId"])
+    assert cloud.agents()["s"]["host_state"] == "stopped"
+    cloud.cli.ok("start", "s")
+    assert cloud.agents()["s"]["state"] == "running"
 
 
 def test_snapshots_create_list_start_from_and_destroy(cloud):
@@ -212,8 +217,11 @@ def test_snapshots_create_list_start_from_and_destroy(cloud):
                                     "--agent-cmd", "sleep 600", "--no-connect", "--json").out)
     assert cloud.instance_of(clone["host_id"])["ImageId"] == made["image"]
     assert clone["host_id"] != row["host_id"] and cloud.agents()["clone"]["state"] == "running"
+    behind = [m["Ebs"]["SnapshotId"] for m in image.get("BlockDeviceMappings") or [] if "Ebs" in m]
     cloud.cli.ok("snapshot", "destroy", made["id"])
     assert json.loads(cloud.cli.ok("snapshot", "list", "--json").out) == []
+    left = {s["SnapshotId"] for s in cloud.emulator.ec2("describe-snapshots", "--owner-ids", "self")["Snapshots"]}
+    assert behind and not left & set(behind)     # the EBS snapshots behind the image went too
 
 
 def test_destroy_terminates_and_removes_the_key_pair(cloud):
@@ -331,3 +339,15 @@ def test_an_image_without_python3_is_said_so_and_terminated(cloud):
     finally:
         nopy.stop()
         shutil.rmtree(nopy.root.parent, ignore_errors=True)
+
+
+def test_an_agent_of_a_stopped_instance_can_be_destroyed(cloud):
+    row = json.loads(cloud.cli.ok("create", "one", "--in", PROVIDER, "--agent-cmd", "sleep 600",
+                                  "--no-connect", "--json").out)
+    cloud.cli.ok("create", "two", "--host", "one", "--agent-cmd", "sleep 600", "--no-connect")
+    cloud.emulator.ec2("stop-instances", "--instance-ids", cloud.instance_of(row["host_id"])["InstanceId"])
+    result = cloud.cli("destroy", "-f", "two")
+    assert result.code == 0 and "stays on its disk" in result.err, result.err
+    assert sorted(cloud.agents()) == ["one"]
+    cloud.cli.ok("start", "one")
+    assert cloud.agents()["one"]["state"] == "running" and cloud.agents()["one"]["verified"] is True

@@ -358,3 +358,11 @@ def test_two_controllers_on_one_engine_never_touch_each_others_hosts(dk, tmp_pat
     result = json.loads(other.ok("enforce", "--json").out)
     assert result == []                                  # not even a container "without a record"
     assert rows(dk)["mine"]["state"] == "running"
+
+
+def test_a_container_stopped_outside_mngr_can_be_started_again(dk):
+    dk.ok("create", "outside", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect")
+    docker("stop", "-t", "1", "mngr-outside")      # its watcher, or someone, stopped it
+    assert rows(dk)["outside"]["host_state"] == "stopped"
+    dk.ok("start", "outside")
+    assert rows(dk)["outside"]["state"] == "running"

@@ -136,6 +136,12 @@ def test_agent_lifecycle_on_a_machine(lab):
     assert lab.tmux("m1", "has-session", "-t", "=mngr-a1").returncode != 0
 
 
+def running_as(user: str) -> list:
+    """The processes of a user that run (zombies, killed and not yet reaped, do not)."""
+    states = subprocess.run(["ps", "-u", user, "-o", "stat="], capture_output=True, text=True).stdout
+    return [s for s in states.split() if not s.startswith("Z")]
+
+
 def host_state(lab, machine: str) -> str:
     """The state in the controller's own signed record of the machine's host."""
     for path in (lab.cli.home / ".mngr" / "hosts").glob("*/data.json"):
@@ -411,8 +417,8 @@ def test_untrusted_machine_runs_agents_as_agent_user_and_enforce_kills_them_all(
     rows = {r["host"]: r for r in json.loads(result.out)}
     assert rows["ua"]["action"] == "stop" and rows["ua"]["result"] == "done", result.out + result.err
     assert "max lifetime" in rows["ua"]["reason"]
-    assert wait_for(lambda: subprocess.run(["pgrep", "-u", TEST_USER], capture_output=True).returncode != 0,
-                    timeout=5)   # nothing of the agents' user survives, the stray process included
+    assert wait_for(lambda: not running_as(TEST_USER), timeout=5)   # nothing of the agents' user
+    # survives, the stray process included
     assert host_state(lab, "ua") == "stopped"
     lab.cli.ok("destroy", "-f", "hostile")
     assert not (home / f".mngr-host-{tag}").exists()
@@ -432,3 +438,24 @@ def test_enforce_powers_off_an_idle_machine_that_allows_it(lab):
     assert result.code == 0 and row["action"] == "stop" and row["result"] == "done", result.out
     assert marker.exists()
     assert host_state(lab, "m1") == "stopped"
+
+
+def test_an_untrusted_host_cannot_pass_for_unreachable(lab):
+    """Its copied-in mngr.py is the agents' to rewrite: one that exits 255 (as ssh does when
+    it cannot connect) or hangs is a host that will not report, stopped as tampered."""
+    need(have_test_user(), f"the test user {TEST_USER} (make test adds it)")
+    tag = f"{os.getpid()}-{lab.cli.socket[-6:]}"
+    home = Path(f"/home/{TEST_USER}")
+    lab.cleanup.append(lambda: subprocess.run(["rm", "-rf", str(home / f".mngr-host-{tag}"),
+                                               str(home / f"w-{tag}")]))
+    lab.add("ua", agent_user=TEST_USER, host_dir=f"~/.mngr-host-{tag}", work_root=f"~/w-{tag}")
+    lab.cli.ok("create", "liar", "--host", "ua", "--trust", "untrusted", "--agent-cmd", "sleep 600",
+               "--no-connect")
+    script = home / f".mngr-host-{tag}" / "bin" / "mngr.py"
+    subprocess.run(["runuser", "-u", TEST_USER, "--", "sh", "-c",
+                    f"printf 'import sys\\nsys.exit(255)\\n' > {script}"], check=True)
+    result = lab.cli("enforce", "--json")
+    row = {r["host"]: r for r in json.loads(result.out)}["ua"]
+    assert row["action"] == "stop" and row["cause"] == "tampered", result.out
+    assert row["result"] == "done", result.out + result.err
+    assert not running_as(TEST_USER)
