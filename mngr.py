@@ -1748,10 +1748,48 @@ def merge_settings(base: dict, over: dict) -> dict:
     return merged
 
 
+# What a project's settings may set without being trusted: how output looks. A project
+# dir can be written by code inside a host (a mounted source dir), so policy, providers,
+# plugins, agent types and every other option need the user's trust, as git never runs
+# hooks a repository brings.
+PROJECT_SAFE_OPTIONS = frozenset({"format", "quiet", "verbose", "running", "stopped", "include",
+                                  "exclude", "connect", "lines"})
+
+
+def _untrusted_part(table: dict):
+    """(what a project may set, the keys it may not) of a project's settings."""
+    kept, dropped = {}, []
+    for key, value in table.items():
+        if key == "prefix":
+            kept[key] = value
+        elif key == "commands" and isinstance(value, dict):
+            for command, options in value.items():
+                for option, setting in (options.items() if isinstance(options, dict) else [(None, 0)]):
+                    if option in PROJECT_SAFE_OPTIONS:
+                        kept.setdefault("commands", {}).setdefault(command, {})[option] = setting
+                    else:
+                        dropped.append(f"commands.{command}" + (f".{option}" if option else ""))
+        else:
+            dropped.append(key)
+    return kept, dropped
+
+
 def load_settings(env, cwd: Path) -> dict:
     settings = {}
-    for _scope, path in settings_files(env, cwd):
-        settings = merge_settings(settings, _load_toml(path))
+    for scope, path in settings_files(env, cwd):
+        table = _load_toml(path)
+        if scope != "user":
+            project = path.parent.parent.resolve()
+            trusted = settings.get("trusted_projects") or []
+            if not isinstance(trusted, list) or str(project) not in [str(Path(str(t)).expanduser().resolve())
+                                                                      for t in trusted]:
+                table, dropped = _untrusted_part(table)
+                if dropped:
+                    warn(f"ignoring {', '.join(sorted(dropped))} in {path}: a project may not set "
+                         f"them (code in a host may write it); to allow it, add "
+                         f"trusted_projects = [\"{project}\"] to {config_dir(env) / 'settings.toml'}")
+            table.pop("trusted_projects", None)   # a project never trusts itself
+        settings = merge_settings(settings, table)
     return settings
 
 

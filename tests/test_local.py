@@ -330,3 +330,25 @@ def test_connect_attaches_a_terminal_and_starts_a_stopped_agent(mngr_cli):
         assert wait_for(lambda: not clients())
     finally:
         subprocess.run(["tmux", "-L", outer, "kill-server"], env=mngr_cli.env)
+
+
+def test_a_project_may_not_set_policy_agent_types_or_options_until_trusted(mngr_cli):
+    """A project dir can be written from inside a host (a mounted source dir): what it says
+    about security is ignored, and said so, until the user trusts the project."""
+    project = mngr_cli.work / "planted"
+    (project / ".mngr").mkdir(parents=True)
+    marker = mngr_cli.home / "ran-planted-command"
+    (project / ".mngr" / "settings.toml").write_text(
+        f'[agent_types.helper]\ncommand = "touch {marker}; sleep 600"\n'
+        '[policy]\ntrust = "trusted"\n[commands.create]\nconnect = false\ngrant = ["env:HOME"]\n'
+        '[commands.list]\nrunning = true\n')
+    refused = mngr_cli("create", "p", "helper", cwd=project)
+    assert refused.code != 0 and not marker.exists()
+    assert "ignoring agent_types, commands.create.grant, policy in" in refused.err, refused.err
+    assert "trusted_projects" in refused.err
+    listed = json.loads(mngr_cli.ok("config", "list", "--json", cwd=project).out)
+    assert listed["commands.list.running"] is True and "policy.trust" not in listed
+    mngr_cli.ok("config", "set", "trusted_projects", json.dumps([str(project)]))
+    created = mngr_cli("create", "p", "helper", "--no-connect", cwd=project)
+    assert created.code == 0 and "ignoring" not in created.err, created.err
+    assert wait_for(marker.exists, timeout=10)
