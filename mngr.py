@@ -1098,6 +1098,37 @@ INIT_EXIT_REASONS = {
 EXIT_NO_PYTHON = 3                # the sentinel of the controller's python3 probe
 
 
+# How a host runs its copied-in mngr.py: imported from its bin dir rather than run as a
+# script, so the interpreter keeps (and can be sent) its compiled bytecode instead of
+# compiling the whole file again on every call.
+HOST_BOOT = "import sys; sys.path.insert(0, sys.argv.pop(1)); import mngr; mngr.exit_quickly(mngr.main())"
+
+
+def host_python(python, bin_dir) -> list:
+    """argv running this file's commands on a host: [python, ..., bin_dir]; add the command."""
+    return [str(python), "-I", "-S", "-c", HOST_BOOT, str(bin_dir)]
+
+
+def host_bytecode() -> tuple:
+    """(path under the host dir, bytes) of this file compiled for this interpreter, checked
+    against the file's hash (not its mtime, which a copy changes); made once per version."""
+    import hashlib
+    import importlib.util
+    import py_compile
+
+    source = Path(__file__).resolve()
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    tag = sys.implementation.cache_tag
+    cached = Path.home() / ".cache" / "mngr" / f"mngr-{digest}.{tag}.pyc"
+    if not cached.exists():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        made = cached.with_name(f".{cached.name}.{os.getpid()}")
+        py_compile.compile(str(source), cfile=str(made), doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+        os.replace(made, cached)
+    return f"bin/{Path(importlib.util.cache_from_source('mngr.py')).as_posix()}", cached.read_bytes()
+
+
 def run_hooks(directory: Path, log_path: Path, moment: str, env=None,
               timeout: float = HOOK_TIMEOUT) -> list:
     """Run the executable files of a hooks dir in name order, each bounded by a
@@ -1188,7 +1219,7 @@ def start_agent_session(host_dir: HostDir, record: AgentRecord, tmux: Tmux, pyth
                  {"at": time.time(), "event": "started", "pane_pid": pid})
     hooks = agent_dir / "hooks" / "start"
     if any(hooks.iterdir()):  # start hooks run in the background, logged on the host
-        spawn([python, "-I", "-S", host_dir.bin / "mngr.py", "run-hooks", hooks,
+        spawn([*host_python(python, host_dir.bin), "run-hooks", hooks,
                "--moment", f"start:{record.name}"],
               log_path=host_dir.logs / "hooks.log", env={**(base_env or os.environ), **env})
     return pid
@@ -1438,7 +1469,7 @@ class HostInit:
                 return
 
     def start_watcher(self) -> None:
-        self.watcher = spawn([sys.executable, "-I", "-S", self.host_dir.bin / "mngr.py", "watch",
+        self.watcher = spawn([*host_python(sys.executable, self.host_dir.bin), "watch",
                               "--tmux-socket", self.tmux.socket, "--interval", self.interval,
                               "--on-stop", "pid1", "--boot-time", self.boot],
                              log_path=self.host_dir.logs / "watcher.log")
@@ -1567,7 +1598,7 @@ def ensure_watcher(host_dir: HostDir, socket: str, interval: float, on_stop: str
     if not lock.acquire():
         return
     lock.release()
-    argv = [sys.executable, "-I", "-S", host_dir.bin / "mngr.py", "watch", "--tmux-socket", socket,
+    argv = [*host_python(sys.executable, host_dir.bin), "watch", "--tmux-socket", socket,
             "--interval", interval, "--on-stop", on_stop]
     if boot_time is not None:
         argv += ["--boot-time", boot_time]

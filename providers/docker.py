@@ -104,7 +104,7 @@ class DockerProvider(RecordKeeper):
                            *argv, timeout=timeout, check=check, input=input, engine_stderr=False)
 
     def _mngr(self, container: str, *argv, **kwargs):
-        return self._exec(container, "python3", "-I", "-S", f"{HOST_DIR}/bin/mngr.py", *argv, **kwargs)
+        return self._exec(container, *mngr.host_python("python3", f"{HOST_DIR}/bin"), *argv, **kwargs)
 
     def tmux(self, container: str) -> mngr.Tmux:
         def runner(argv, **kwargs):
@@ -381,7 +381,8 @@ class DockerProvider(RecordKeeper):
                 f"python3 -c 'import sys; sys.exit(sys.version_info < (3, 9))' "
                 f"|| exit {mngr.EXIT_INIT_OLD_PYTHON}; "
                 f"command -v tmux >/dev/null 2>&1 || exit {mngr.EXIT_INIT_NO_TMUX}; "
-                f"exec python3 -I -S {HOST_DIR}/bin/mngr.py host-init --tmux-socket {SOCKET} "
+                f"exec {' '.join(shlex.quote(a) for a in mngr.host_python('python3', HOST_DIR + '/bin'))} "
+                f"host-init --tmux-socket {SOCKET} "
                 f"--interval {self.interval}")
         argv += ["--entrypoint", "sh", image, "-c", init]
         result = self.docker(*argv, check=False)

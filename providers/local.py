@@ -323,7 +323,7 @@ class LocalProvider:
         interval = mngr.parse_duration(self.ctx.setting("watch_interval", 10))
         env = {**self.ctx.env, **mngr.read_env_file(self.host_dir.env),
                mngr.ENV_HOST_DIR: str(self.host_dir.root)}
-        mngr.spawn([python, "-I", "-S", script, "watch", "--tmux-socket", self.tmux.socket,
+        mngr.spawn([*mngr.host_python(python, script.parent), "watch", "--tmux-socket", self.tmux.socket,
                     "--interval", interval, "--on-stop", "agents"],
                    log_path=self.host_dir.logs / "watcher.log", env=env, cwd=self.host_dir.root)
 

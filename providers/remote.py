@@ -283,6 +283,8 @@ class RecordKeeper:
                                      sort_keys=True) + "\n").encode()
         if skeleton:
             files["bin/mngr.py"] = Path(mngr.__file__).resolve().read_bytes()
+            path, code = mngr.host_bytecode()   # a host with the same python starts at once
+            files[path] = code
             files["env"] = root.env.read_bytes() if root.env.exists() else b""
         return files
 

@@ -263,7 +263,7 @@ def prelude(machine: Machine) -> str:
 
 def in_host(machine: Machine, *argv) -> str:
     """sh for running the copied-in mngr.py as the agents' user."""
-    return ('$AS env MNGR_HOST_DIR="$D" python3 -I -S "$D/bin/mngr.py" '
+    return ('$AS env MNGR_HOST_DIR="$D" python3 -I -S -c ' + shlex.quote(mngr.HOST_BOOT) + ' "$D/bin" '
             + " ".join(shlex.quote(str(a)) for a in argv))
 
 

@@ -143,10 +143,10 @@ def bench_docker(base_env) -> None:
             subprocess.run(["docker", "exec", cid, "tmux", "-L", "b", "new-session", "-d", "sleep 600"],
                            check=True)
             bare.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            subprocess.run([PY, str(REPO / "mngr.py"), "create", f"bench{i}", "--in", "bench",
-                            "--no-connect", "--agent-cmd", "sleep 600"], env=env, cwd=home / "work",
-                           check=True, stdout=subprocess.DEVNULL)
+            start = time.perf_counter()   # as the installed command runs: the module, bytecode cached
+            subprocess.run([PY, "-m", "mngr", "create", f"bench{i}", "--in", "bench",
+                            "--no-connect", "--agent-cmd", "sleep 600"], env={**env, "PYTHONPATH": str(REPO)},
+                           cwd=home / "work", check=True, stdout=subprocess.DEVNULL)
             ours.append(time.perf_counter() - start)
         report("create --in docker / docker run + exec", statistics.median(ours) / statistics.median(bare),
                1.5)
