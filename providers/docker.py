@@ -73,16 +73,28 @@ class DockerProvider(RecordKeeper):
             self.env["PATH"] = f"{wrapper}{os.pathsep}{self.env.get('PATH', os.defpath)}"
         # the network a host gets with net:egress; without it, none
         self.egress_network = str(conf.get("egress_network", "bridge"))
+        timeout = conf.get("timeout", mngr.SUBPROCESS_TIMEOUT)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise mngr.ConfigError(f"settings [providers.{name}]: timeout must be a positive number")
+        self.timeout = float(timeout)   # seconds for each docker call, unless it says otherwise
 
     # Calling docker -------------------------------------------------------
 
-    def docker(self, *args, timeout=mngr.SUBPROCESS_TIMEOUT, check=True, input=None,
-               engine_stderr=True):
-        """One docker call; an unreachable engine is exit 75 with a clear message,
-        whether or not the caller checks the exit code. engine_stderr=False: the
-        stderr is a host's (docker exec), which must not pass for the engine's."""
-        result = mngr.run(["docker", *args], env=self.env, timeout=timeout, check=False,
-                          input=input, what=f"docker {args[0]}")
+    def docker(self, *args, timeout=None, check=True, input=None, engine_stderr=True):
+        """One docker call, bounded; an unreachable or hung engine is exit 75 with a clear
+        message, whether or not the caller checks the exit code. engine_stderr=False: the
+        call runs a host's code (docker exec), whose stderr or hang is the host's own."""
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            result = mngr.run(["docker", *args], env=self.env, timeout=timeout, check=False,
+                              input=input, what=f"docker {args[0]}")
+        except mngr.CommandTimedOutError:
+            if not engine_stderr:
+                raise
+            where = self.env.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+            raise mngr.UnreachableError(f"the Docker engine at {where} did not answer "
+                                        f"docker {args[0]} within {timeout:g}s",
+                                        "is dockerd hung or overloaded? retry later") from None
         if result.returncode != 0:
             if engine_stderr and any(text in result.stderr for text in UNREACHABLE):
                 raise self._unreachable()
@@ -98,7 +110,7 @@ class DockerProvider(RecordKeeper):
         return mngr.UnreachableError(f"cannot reach the Docker engine at {where}: is dockerd running?",
                                      "start it, or fix docker_host in settings")
 
-    def _exec(self, container: str, *argv, timeout=mngr.SUBPROCESS_TIMEOUT, check=True, input=None):
+    def _exec(self, container: str, *argv, timeout=None, check=True, input=None):
         flags = ["-i"] if input is not None else []
         return self.docker("exec", *flags, "-e", f"{mngr.ENV_HOST_DIR}={HOST_DIR}", container,
                            *argv, timeout=timeout, check=check, input=input, engine_stderr=False)

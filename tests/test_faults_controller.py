@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import need
+from conftest import need, wait_for
 from test_docker import dk, docker, engine  # noqa: F401  (fixtures)
 
 
@@ -214,3 +216,88 @@ def test_gc_removes_old_failed_hosts_orphaned_worktrees_and_snapshots_of_gone_ho
     assert json.loads(cli.ok("snapshot", "list", "--json").out) == []
     assert json.loads(cli.ok("gc", "--older-than", "0s", "--json").out) == []
     assert settings.exists()
+
+
+# A Docker engine that stops in the middle of an enforce run ---------------------------
+
+
+@pytest.fixture
+def second_engine(engine, tmp_path):
+    """A dockerd of the test's own (its data, exec root, socket and pid file), with the
+    test image loaded from the first; stopped by pid at the end."""
+    import shutil
+    import tempfile
+
+    from test_docker import IMAGE
+
+    need(shutil.which("dockerd") is not None, "dockerd")
+    root = Path(tempfile.mkdtemp(prefix="mngr-de-", dir="/tmp"))
+    sock = root / "docker.sock"
+    log = open(root / "dockerd.log", "wb")
+    proc = subprocess.Popen(["dockerd", "--data-root", str(root / "data"), "--exec-root", str(root / "exec"),
+                             "--pidfile", str(root / "dockerd.pid"), "-H", f"unix://{sock}",
+                             "--iptables=false", "--ip-masq=false", "--bridge=none",
+                             "--exec-opt", "native.cgroupdriver=cgroupfs"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, "DOCKER_HOST": f"unix://{sock}"}
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(["docker", "info"], env=env, capture_output=True).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, (root / "dockerd.log").read_text()[-800:]
+            time.sleep(0.2)
+        saved = subprocess.Popen(["docker", "save", IMAGE], stdout=subprocess.PIPE)
+        subprocess.run(["docker", "load", "-q"], stdin=saved.stdout, env=env, check=True, capture_output=True)
+        saved.wait()
+        yield {"host": f"unix://{sock}", "pid": proc.pid, "env": env}
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        ids = subprocess.run(["docker", "ps", "-aq"], env=env, capture_output=True, text=True).stdout.split()
+        if ids:
+            subprocess.run(["docker", "rm", "-f", *ids], env=env, capture_output=True)
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        subprocess.run(["umount", "-R", str(root / "exec")], capture_output=True)
+        subprocess.run(["rm", "-rf", str(root)], capture_output=True)
+
+
+def test_an_engine_stopped_mid_run_is_exit_75_and_nothing_is_marked_stopped(dk, second_engine):
+    need(recorder_installed(dk), "the test plugin mngr-test-recorder (make test installs it)")
+    from test_docker import IMAGE
+
+    settings = dk.home / ".config" / "mngr" / "settings.toml"
+    settings.write_text(settings.read_text() + f'[providers.far]\nbackend = "docker"\nimage = "{IMAGE}"\n'
+                        f'docker_host = "{second_engine["host"]}"\ntimeout = 3\n')
+    # their watchers are killed (as hostile code would): enforce outside is what acts
+    quiet = "pkill -f '[/]mngr/bin watch'; sleep 600"
+    dk.ok("create", "near", "--in", dk.provider, "--agent-cmd", quiet, "--no-connect",
+          "--max-lifetime", "2s")
+    dk.ok("create", "away", "--in", "far", "--agent-cmd", quiet, "--no-connect", "--max-lifetime", "2s")
+    time.sleep(2.5)
+    # listed, decided, then its engine stops before mngr acts on it
+    env = {"MNGR_RECORDER_LOG": str(dk.home / "hooks.jsonl"),
+           "MNGR_RECORDER_RUN": f"on_host_collected:far:kill -STOP {second_engine['pid']}"}
+    started = time.monotonic()
+    result = dk("enforce", "--json", env=env, timeout=120)
+    took = time.monotonic() - started
+    try:
+        assert result.code == 75, result.err
+        assert took < 30, took
+        rows = {r["host"]: r for r in json.loads(result.out)}
+        assert rows["away"]["result"] == "error" and rows["away"]["unreachable"] is True
+        assert "did not answer" in rows["away"]["error"]
+        assert rows["near"]["action"] == "stop" and rows["near"]["result"] == "done"   # still handled
+        # what mngr signed while it could not know the outcome: never "stopped"
+        records = [json.loads(p.read_text())["payload"]
+                   for p in (dk.home / ".mngr" / "hosts").glob("*/data.json")]
+        away = [r for r in records if r["provider"] == "far"]
+        assert len(away) == 1 and away[0]["state"] in ("running", "stopping"), away
+    finally:
+        os.kill(second_engine["pid"], signal.SIGCONT)
+    # the engine carries out the stop it had queued, or the next run does: either way the
+    # host ends stopped, and list tells the truth from the engine
+    again = {r["host"]: r for r in json.loads(dk.ok("enforce", "--json").out)}
+    assert again["away"]["result"] in ("done", "ok"), again
+    assert wait_for(lambda: agents(dk)["away"]["host_state"] == "stopped", 30)

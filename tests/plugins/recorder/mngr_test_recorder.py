@@ -3,7 +3,9 @@
 Inert unless MNGR_RECORDER_LOG names a file. MNGR_RECORDER_FAIL=HOOK makes that
 hook raise; MNGR_RECORDER_REFUSE=COMMAND makes on_before_command refuse it;
 MNGR_RECORDER_KILL=HOOK (or on_host_state_change:STATE) kills the mngr process
-there with SIGKILL, as a crash or an OOM kill would, at that step.
+there with SIGKILL, as a crash or an OOM kill would, at that step;
+MNGR_RECORDER_RUN=HOOK:PROVIDER:COMMAND runs a shell command the first time that
+hook fires for a host of that provider (to break something mid-run).
 """
 import dataclasses
 import json
@@ -36,6 +38,14 @@ class Recorder:
             handle.write(json.dumps({"hook": hook, "args": [_plain(a) for a in args]}) + "\n")
         if os.environ.get("MNGR_RECORDER_FAIL") == hook:
             raise RuntimeError(f"told to fail in {hook}")
+        run = os.environ.get("MNGR_RECORDER_RUN", "")   # HOOK:PROVIDER:SHELL COMMAND, once
+        if run.count(":") >= 2:
+            at, provider, command = run.split(":", 2)
+            if hook == at and getattr(args[0], "provider", None) == provider:
+                import subprocess
+
+                os.environ.pop("MNGR_RECORDER_RUN")
+                subprocess.run(["sh", "-c", command], check=False)
         kill = os.environ.get("MNGR_RECORDER_KILL", "")
         if kill == hook or hook == "on_host_state_change" and kill == f"{hook}:{args[0].new}":
             os.kill(os.getpid(), signal.SIGKILL)
