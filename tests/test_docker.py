@@ -124,7 +124,7 @@ def test_the_watcher_inside_stops_an_idle_host(dk):
 
 
 def test_enforce_stops_an_untrusted_host_that_fights_back(dk):
-    hostile = ("while true; do pkill -f 'mngr[.]py watch'; touch /mngr/activity/agent "
+    hostile = ("while true; do pkill -f '[/]mngr/bin watch'; touch /mngr/activity/agent "
                "/mngr/activity/user; echo busy; sleep 0.3; done")
     dk.ok("create", "hostile", "--in", dk.provider, "--agent-cmd", hostile, "--no-connect",
           "--idle-mode", "io", "--idle-timeout", "4s")

@@ -117,3 +117,40 @@ def test_ten_enforcers_at_once_act_on_each_host_once(dk):
     done = sorted(e["host"] for e in audit if e["result"] == "done")
     assert done == ["v0", "v1", "v2"]  # each host acted on exactly once
     assert all(status(cid) == "exited" for cid in victims)
+
+
+def test_rewriting_each_signed_field_in_turn_is_tampering(dk):
+    """Every field of the host's signed record, changed inside the host, one at a time:
+    each is caught (dry run, then the good copy put back), and the neighbour never is."""
+    victim = create(dk, "victim", "--idle-timeout", "1h")
+    neighbour = create(dk, "neighbour", "--idle-timeout", "1h")
+    good = sh(victim, "cat /mngr/data.json").stdout
+    payload = json.loads(good)["payload"]
+
+    def changed(value):
+        if isinstance(value, bool):
+            return not value
+        if isinstance(value, (int, float)):
+            return value + 1
+        if isinstance(value, str):
+            return value + "x"
+        if isinstance(value, list):
+            return value + ["net:egress"]
+        if isinstance(value, dict):
+            return {**value, "idle_timeout": 10 ** 9}
+        return "x"
+    caught = []
+    for field in sorted(payload):
+        document = json.loads(good)
+        document["payload"][field] = changed(payload[field])
+        assert sh(victim, "cat > /mngr/data.json", input=json.dumps(document)).returncode == 0
+        result = dk("enforce", "--dry-run", "--json", "--provider", dk.provider, timeout=120)
+        rows = {r["host"]: r for r in json.loads(result.out)}
+        assert rows["victim"]["action"] == "stop" and rows["victim"]["cause"] == "tampered", (field, rows)
+        assert rows["neighbour"]["action"] == "none", (field, rows["neighbour"])
+        caught.append(field)
+    assert sh(victim, "cat > /mngr/data.json", input=good).returncode == 0
+    rows = {r["host"]: r for r in json.loads(dk.ok("enforce", "--json", "--provider", dk.provider).out)}
+    assert rows["victim"]["action"] == "none" and status(victim) == "running"
+    assert status(neighbour) == "running"
+    assert len(caught) >= 10 and {"state", "policy", "created_at", "permissions", "agents"} <= set(caught)
