@@ -405,10 +405,10 @@ def grants(permissions, family: str, detail: str) -> bool:
 
 def derive_state(exists: bool, running: bool, signed_state: str) -> str:
     """A host's observed state: provider facts first, the signed record for the rest."""
-    if not exists:
-        return "building" if signed_state == "building" else "destroyed"
     if signed_state == "failed":  # broke before it could run; only destroy moves it on
         return "failed"
+    if not exists:
+        return "building" if signed_state == "building" else "destroyed"
     if running:
         return signed_state if signed_state in ("starting", "stopping") else "running"
     if signed_state == "starting":
@@ -737,6 +737,7 @@ class HostDir:
     logs = property(lambda self: self.root / "logs")
     work = property(lambda self: self.root / "work")
     lock = property(lambda self: self.root / ".lock")
+    sessions_lock = property(lambda self: self.root / ".sessions.lock")  # starting agents
 
     def agent_dir(self, agent_id: str) -> Path:
         return self.agents / agent_id
@@ -1413,9 +1414,10 @@ class Watcher:
             atomic_write(self.host_dir.root / "watcher.pid", f"{os.getpid()}\n".encode())
             self.host_dir.deploy_lock.mkdir(exist_ok=True)
             self.log("started", pid=os.getpid(), interval=self.interval)
-            hooks_log = self.host_dir.events / "hooks.jsonl"
-            run_hooks(self.host_dir.hooks / "boot", hooks_log, "boot")
-            run_hooks(self.host_dir.hooks / "post_services", hooks_log, "post_services")
+            if self.on_stop != "pid1":  # under host-init, PID 1 runs them, once a boot
+                hooks_log = self.host_dir.events / "hooks.jsonl"
+                run_hooks(self.host_dir.hooks / "boot", hooks_log, "boot")
+                run_hooks(self.host_dir.hooks / "post_services", hooks_log, "post_services")
             while not self.stopping:
                 if not self.host_dir.data.parent.is_dir():
                     break  # the host dir is gone (the host was destroyed): nothing left to watch
@@ -1494,11 +1496,12 @@ class HostInit:
         self.host_dir.deploy_lock.mkdir(exist_ok=True)
         self.log("booted", pid=os.getpid())
         run_hooks(self.host_dir.hooks / "boot", self.hooks_log, "boot")
-        try:
-            payload = read_json(self.host_dir.data)["payload"]
-            for agent in read_unverified_agents(self.host_dir, payload):
-                if agent.start_on_boot:
-                    start_agent_session(self.host_dir, agent, self.tmux, sys.executable)
+        try:  # a deploy starting agents at this moment waits: one tmux server, started once
+            with FileLock(self.host_dir.sessions_lock):
+                payload = read_json(self.host_dir.data)["payload"]
+                for agent in read_unverified_agents(self.host_dir, payload):
+                    if agent.start_on_boot:
+                        start_agent_session(self.host_dir, agent, self.tmux, sys.executable)
         except (MngrError, OSError, ValueError, KeyError, TypeError) as exc:
             self.log("error", error=f"starting agents: {exc}")
         self.start_watcher()
@@ -1554,14 +1557,15 @@ def _deploy_files_and_start(host_dir: HostDir, root: Path, tar_bytes: bytes, sta
                 raise UsageError(f"refusing {member.name!r}: not a file inside the host dir")
             atomic_write(target, tar.extractfile(member).read(), mode=member.mode & 0o777)
     started = {}
-    for agent_id in start:
-        try:
-            payload = read_json(host_dir.agent_dir(agent_id) / "data.json")["payload"]
-            record = AgentRecord.from_dict(payload)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise NotFoundError(f"no usable agent record {agent_id}: {exc}") from None
-        tmux.kill(record.session)
-        started[agent_id] = start_agent_session(host_dir, record, tmux, sys.executable)
+    with FileLock(host_dir.sessions_lock):  # PID 1 may be starting boot agents right now
+        for agent_id in start:
+            try:
+                payload = read_json(host_dir.agent_dir(agent_id) / "data.json")["payload"]
+                record = AgentRecord.from_dict(payload)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise NotFoundError(f"no usable agent record {agent_id}: {exc}") from None
+            tmux.kill(record.session)
+            started[agent_id] = start_agent_session(host_dir, record, tmux, sys.executable)
     print(json.dumps({"started": started}))
     return EXIT_OK
 
@@ -3453,7 +3457,7 @@ def enforce_host(args, host, audit) -> dict:
         obs = provider.observe(host, now)
         decision = _checked(decide(obs, _policy_of(host), now), args)
         row.update(state=obs.state, **decision.to_dict())
-        if not obs.exists and host.record is not None:
+        if obs.state == "destroyed" and host.record is not None:
             row["result"] = "gone"  # removed behind mngr's back: nothing to do, but say so
             _audit(audit, row, args.dry_run)
             return row
