@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import tarfile
@@ -24,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import mngr
 
@@ -46,8 +48,10 @@ RUN command -v python3 >/dev/null && command -v tmux >/dev/null && command -v ps
          python3 tmux procps git ca-certificates && rm -rf /var/lib/apt/lists/*; }
 """
 SNAPSHOT_REPO = "mngr-snapshot"
+# what the docker CLI says when it cannot reach its engine (a registry's "connection
+# refused" during a build or pull is not one of these)
 UNREACHABLE = ("Cannot connect to the Docker daemon", "error during connect",
-               "Is the docker daemon running", "connection refused")
+               "Is the docker daemon running")
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ class DockerProvider(RecordKeeper):
 
     def __init__(self, name: str, conf: dict, ctx):
         super().__init__(name, conf, ctx)
-        self.env = dict(ctx.env)
+        self.env = {**ctx.env, "DOCKER_BUILDKIT": "0"}  # the classic builder: works offline
         if conf.get("docker_host"):
             self.env["DOCKER_HOST"] = str(conf["docker_host"])
         if str(conf.get("docker_host", "")).startswith("ssh://"):
@@ -80,14 +84,14 @@ class DockerProvider(RecordKeeper):
 
     # Calling docker -------------------------------------------------------
 
-    def docker(self, *args, timeout=None, check=True, input=None, engine_stderr=True):
+    def docker(self, *args, timeout=None, check=True, input=None, engine_stderr=True, text=True):
         """One docker call, bounded; an unreachable or hung engine is exit 75 with a clear
         message, whether or not the caller checks the exit code. engine_stderr=False: the
         call runs a host's code (docker exec), whose stderr or hang is the host's own."""
         timeout = self.timeout if timeout is None else timeout
         try:
             result = mngr.run(["docker", *args], env=self.env, timeout=timeout, check=False,
-                              input=input, what=f"docker {args[0]}")
+                              input=input, what=f"docker {args[0]}", text=text)
         except mngr.CommandTimedOutError:
             if not engine_stderr:
                 raise
@@ -96,13 +100,14 @@ class DockerProvider(RecordKeeper):
                                         f"docker {args[0]} within {timeout:g}s",
                                         "is dockerd hung or overloaded? retry later") from None
         if result.returncode != 0:
-            if engine_stderr and any(text in result.stderr for text in UNREACHABLE):
+            stderr = result.stderr if text else result.stderr.decode(errors="replace")
+            if engine_stderr and any(line in stderr for line in UNREACHABLE):
                 raise self._unreachable()
             if check:
-                tail = (result.stderr.strip().splitlines() or [""])[-1]
+                tail = (stderr.strip().splitlines() or [""])[-1]
                 raise mngr.CommandFailedError(f"docker {args[0]} failed (exit {result.returncode})"
                                               + (f": {tail}" if tail else ""),
-                                              detail=result.stderr, returncode=result.returncode)
+                                              detail=stderr, returncode=result.returncode)
         return result
 
     def _unreachable(self) -> mngr.UnreachableError:
@@ -126,14 +131,18 @@ class DockerProvider(RecordKeeper):
 
     # The controller's records ----------------------------------------------
 
-    def _started(self, container: str, store, record, start):
+    def _started(self, container: str, store, record, start, fail=True):
         """starting -> running, signed, sent into the host with the agents to start; the
         controller keeps the running record only once the host has it. On failure the
-        host is marked failed, with a version above anything the host may have kept."""
+        container is killed and (unless fail=False: the caller puts things back) the host
+        is marked failed, with a version above anything the host may have kept."""
         running = self._set_state(store, record, "running", write=False)
         try:
             self._deploy(container, store, start=start, records=[running])
         except BaseException:
+            if not fail:
+                self.docker("kill", container, check=False)
+                raise
             failed = replace(record, lifecycle=mngr.transition(record.lifecycle, "failed", time.time()),
                              version=running.version + 1)
             store.write_host(failed)
@@ -152,7 +161,7 @@ class DockerProvider(RecordKeeper):
             return []  # the unconfigured default instance with no hosts: no docker call at all
         ids = self.docker("ps", "-a", "-q", "--no-trunc", "--filter",
                           f"label={LABEL}.provider={self.name}").stdout.split()
-        inspected = json.loads(self.docker("inspect", *ids).stdout) if ids else []
+        inspected = self._inspect(ids)
         inspected = [c for c in inspected if self.ours(c["Config"]["Labels"].get(f"{LABEL}.controller", ""))]
         containers = {c["Config"]["Labels"].get(f"{LABEL}.host-id"): c for c in inspected}
         running = [c["Id"] for c in inspected if c["State"]["Running"]]
@@ -167,6 +176,20 @@ class DockerProvider(RecordKeeper):
             missing = mngr.Verification(False, "missing")
             hosts.append(mngr.HostView(self, None, missing, facts=self._facts(container)))
         return hosts
+
+    def _inspect(self, ids) -> list:
+        """docker inspect of many containers; one removed since they were listed is
+        simply not there (docker says so on stderr and exits 1)."""
+        if not ids:
+            return []
+        result = self.docker("inspect", *ids, check=False)
+        try:
+            return json.loads(result.stdout)
+        except ValueError:
+            if "No such" in result.stderr:
+                return []
+            raise mngr.CommandFailedError(f"docker inspect failed: {result.stderr.strip()[-200:]}",
+                                          detail=result.stderr) from None
 
     def _report(self, container_id: str):
         """What a running host says about itself, shape-checked; {"error": ...} otherwise.
@@ -239,14 +262,7 @@ class DockerProvider(RecordKeeper):
         self._begin_host(record, store)
         container = ""
         try:
-            if args.snapshot:
-                image = self._snapshot_image(args.snapshot)
-            else:
-                image = self._image(plan, host_id) if building else (args.image or self.conf["image"])
-            if building:
-                record = self._set_state(store, record, "starting")
-            if args.pull:
-                self._require_image(image, pull=True)
+            # the agent is recorded before anything slow, so a failed build lists as failed
             agent = self._agent_record(plan, host_id, now)
             self.ctx.hook("on_before_agent_create",
                           mngr.agent_info(agent, mngr.host_info(record, self.name)))
@@ -256,6 +272,14 @@ class DockerProvider(RecordKeeper):
             record = replace(record, agents=(agent.id,),
                              version=store.next_version(host_id, record.version))
             store.write_host(record)
+            if args.snapshot:
+                image = self._snapshot_image(args.snapshot)
+            else:
+                image = self._image(plan, host_id) if building else (args.image or self.conf["image"])
+            if building:
+                record = self._set_state(store, record, "starting")
+            if args.pull:
+                self._require_image(image, pull=True)
             container = self._create_container(record, image, args, plan.mounts)
             self._cp_in(container, self._files(store, skeleton=True), work=plan)
             self.docker("start", container)
@@ -327,15 +351,19 @@ class DockerProvider(RecordKeeper):
         return view
 
     def _image(self, plan: DockerPlan, host_id: str) -> str:
-        """Build the host's image: from --dockerfile (labelled as this host's, so destroy
-        removes it), or the embedded default (shared, kept)."""
+        """Build the host's image: from --dockerfile (tagged as this host's, so destroy
+        removes it), or the embedded default (shared, kept). Without --pull, every base
+        image must be here already: docker build would otherwise pull it."""
         args = plan.args
+        build_args = dict(item.partition("=")[::2] for item in args.build_arg)
         if args.dockerfile:
             tag = f"mngr-build:{host_id}"
-            argv = ["build", "-t", tag, "-f", str(Path(args.dockerfile).resolve()),
+            path = Path(args.dockerfile).resolve()
+            argv = ["build", "-t", tag, "-f", str(path),
                     "--label", f"{LABEL}.built-for={host_id}",
                     "--label", f"{LABEL}.build-provider={self.name}"]
-            context = str(Path(args.dockerfile).resolve().parent)
+            context = str(path.parent)
+            bases = dockerfile_bases(path.read_text(errors="replace"), build_args)
         else:
             base = str(self.conf.get("base_image") or DEFAULT_BASE)
             tag = f"mngr-default:{mngr.__version__}" + (
@@ -345,20 +373,25 @@ class DockerProvider(RecordKeeper):
             argv = ["build", "-t", tag, "--build-arg", f"BASE={base}",
                     "--label", f"{LABEL}.build-provider={self.name}", "-"]
             context = None
+            bases = [base]
         for item in args.build_arg:
             argv += ["--build-arg", item]
         if args.pull:
             argv.append("--pull")
+        else:
+            for base in bases:
+                if self.docker("image", "inspect", base, check=False).returncode != 0:
+                    raise mngr.RefusedError(f"base image {base} is not available locally",
+                                            "load or build it, or pass --pull to let docker pull it")
         if context:
             argv.append(context)
-        result = mngr.run(["docker", *argv], env={**self.env, "DOCKER_BUILDKIT": "0"}, timeout=1800,
-                          check=False, input=None if context else DEFAULT_DOCKERFILE,
-                          what="docker build")
+        result = self.docker(*argv, timeout=1800, check=False,
+                             input=None if context else DEFAULT_DOCKERFILE)
         if result.returncode != 0:
             tail = (result.stderr.strip().splitlines() or ["docker build failed"])[-1]
             raise mngr.CommandFailedError(f"building the image failed: {tail}",
-                                          "without a registry, base the image on one you have "
-                                          "(docker images), or pass --pull", detail=result.stderr)
+                                          "fix the Dockerfile, then destroy this host and "
+                                          "create it again", detail=result.stderr)
         return tag
 
     def _require_image(self, image: str, pull: bool) -> None:
@@ -370,9 +403,11 @@ class DockerProvider(RecordKeeper):
         self.docker("pull", image, timeout=1800)
 
     def _create_container(self, record: mngr.HostRecord, image: str, args, mounts=()) -> str:
+        options = {"cpus": args.cpus, "memory": args.memory, "start_args": list(args.start_arg),
+                   "mounts": list(mounts)}  # so a container re-made from a snapshot gets them too
         labels = {"host-id": record.id, "host-name": record.name, "provider": self.name,
                   "created-at": str(int(record.created_at)), "version": mngr.__version__,
-                  "controller": self.controller}
+                  "controller": self.controller, "create-options": json.dumps(options)}
         argv = ["create", "--pull", "missing" if getattr(args, "pull", False) else "never",
                 "--name", f"mngr-{record.name}", "--hostname", record.name,
                 "--network", self.egress_network if mngr.grants(record.permissions, "net", "egress")
@@ -539,7 +574,8 @@ class DockerProvider(RecordKeeper):
         except mngr.MngrError:
             if self._running(host.facts["id"]):
                 raise  # still stopping: enforce's stopping timeout forces it later
-        record = self._set_state(store, record, "stopped")
+        if record.lifecycle.state != "stopped":  # it was started outside mngr: already so
+            record = self._set_state(store, record, "stopped")
         self._cp_in(host.facts["id"], self._files(store))
 
     def _running(self, container: str) -> bool:
@@ -568,7 +604,8 @@ class DockerProvider(RecordKeeper):
         changes = []
         for key, value in (("snapshot-id", snapshot_id), ("snapshot-of", host.record.id),
                            ("snapshot-host-name", host.record.name),
-                           ("snapshot-provider", self.name), ("snapshot-created", int(now))):
+                           ("snapshot-provider", self.name), ("snapshot-created", int(now)),
+                           ("built-for", ""), ("build-provider", "")):  # not the build's image
             changes += ["-c", f"LABEL {LABEL}.{key}={value}"]
         self.docker("commit", *changes, container, tag, timeout=1800)
         return {"id": snapshot_id, "host": host.record.name, "host_id": host.record.id,
@@ -583,6 +620,7 @@ class DockerProvider(RecordKeeper):
         if self.conf.get("implicit") and not self._records() and not self._has_any_snapshot():
             return []
         result = self.docker("images", "--filter", f"label={LABEL}.snapshot-provider={self.name}",
+                             "--filter", f"label={LABEL}.controller={self.controller}",
                              "--format", "{{json .}}")
         names = {record.id: record.name for _, record in self._records()}
         rows = []
@@ -618,26 +656,51 @@ class DockerProvider(RecordKeeper):
 
     @one_at_a_time
     def start_from_snapshot(self, view, snapshot_id: str):
-        """Replace the host's container with one made from the snapshot; the host
-        keeps its id, its records and its agents."""
+        """Replace the host's container with one made from the snapshot, with the options
+        it was made with; the host keeps its id, its records and its agents. The old
+        container is kept, renamed, until the new one runs, and put back if it does not."""
         image = self._snapshot_image(snapshot_id)
         host = view.host
         store = self.store(host.record.id)
+        old = host.facts["id"] if host.facts.get("exists") else ""
+        options = self._create_options(old)
         if host.facts.get("running"):
             self.stop_host(host)
-        if host.facts.get("exists"):
-            self.docker("rm", "-f", host.facts["id"], timeout=120)
         record, _ = store.read_host()
+        name = f"mngr-{record.name}"
+        if old:
+            self.docker("rename", old, f"{name}-replaced-{old[:12]}")
         record = self._set_state(store, record, "starting")
+        container = ""
         try:
-            container = self._create_container(record, image, _NoArgs())
+            container = self._create_container(record, image, options, options.mounts)
             self._cp_in(container, self._files(store, skeleton=True))
             self.docker("start", container)
+            record = self._started(container, store, record, [view.record.id], fail=False)
         except BaseException:
-            self._set_state(store, record, "failed")
+            if container:
+                self.docker("rm", "-f", container, check=False, timeout=120)
+            if old:
+                self.docker("rename", old, name, check=False)
+            current, _ = store.read_host()
+            if current.lifecycle.state == "starting":  # the old container is back, stopped
+                self._set_state(store, current, "stopped")
             raise
-        record = self._started(container, store, record, [view.record.id])
+        if old:
+            self.docker("rm", "-f", old, timeout=120)
         return self._fresh_view(record, view.record, {"id": container})
+
+    def _create_options(self, container: str):
+        """The cpus, memory, start args and mounts a container was made with."""
+        found = self._inspect([container]) if container else []
+        labels = (found[0]["Config"]["Labels"] or {}) if found else {}
+        try:
+            options = json.loads(labels.get(f"{LABEL}.create-options") or "{}")
+        except ValueError:
+            options = {}
+        return SimpleNamespace(cpus=options.get("cpus"), memory=options.get("memory"),
+                               start_arg=tuple(options.get("start_args") or ()),
+                               mounts=tuple(options.get("mounts") or ()), pull=False)
 
     def send_message(self, view, text: str) -> None:
         self.tmux(self._container(view)).send(view.record.session, text)
@@ -646,8 +709,8 @@ class DockerProvider(RecordKeeper):
         container = self._container(view)
         if view.state != "stopped" and view.host.facts.get("running"):
             return self.tmux(container).capture(view.record.session, lines)
-        result = mngr.run(["docker", "cp", f"{container}:{HOST_DIR}/agents/{view.record.id}/logs/output.log",
-                           "-"], env=self.env, check=False, text=False, what="docker cp")
+        result = self.docker("cp", f"{container}:{HOST_DIR}/agents/{view.record.id}/logs/output.log",
+                             "-", check=False, text=False)
         if result.returncode != 0:
             return ""
         try:  # the host wrote it: a regular file's last bytes, nothing else
@@ -691,10 +754,8 @@ class DockerProvider(RecordKeeper):
             self.ctx.hook("on_before_host_destroy", info)
             if host.facts.get("exists"):
                 self.docker("rm", "-f", host.facts["id"], timeout=120)
-            built = self.docker("images", "-q", "--filter",
-                                f"label={LABEL}.built-for={host.record.id}").stdout.split()
-            if built:
-                self.docker("rmi", "-f", *set(built), check=False)
+            # the image built for it, by tag: its snapshots (children of it) stay usable
+            self.docker("rmi", f"mngr-build:{host.record.id}", check=False)
             self._host_destroyed(record, agent)
             return
         if host.facts.get("running"):
@@ -717,11 +778,30 @@ class DockerProvider(RecordKeeper):
             self._cp_in(host.facts["id"], self._files(store, records=records))
             self._keep(store, records)
 
-class _NoArgs:
-    """Create-container options for a host re-made from a snapshot: none extra."""
-
-    cpus = memory = None
-    start_arg = ()
+def dockerfile_bases(text: str, build_args: dict) -> list:
+    """The images a Dockerfile builds FROM, as far as they can be known without
+    building: not scratch, not an earlier stage, and only when every $VAR in the
+    name resolves (from --build-arg, else the ARG default before the first FROM)."""
+    defaults, stages, bases, seen_from = {}, set(), [], False
+    for line in text.replace("\\\n", " ").splitlines():
+        words = line.split()
+        keyword = words[0].upper() if words else ""
+        if keyword == "ARG" and not seen_from and len(words) > 1 and "=" in words[1]:
+            key, _, value = words[1].partition("=")
+            defaults[key] = value.strip('"')
+        elif keyword == "FROM":
+            seen_from = True
+            names = [w for w in words[1:] if not w.startswith("--")]
+            if not names:
+                continue
+            image = re.sub(r"\$\{?(\w+)\}?",
+                           lambda m: build_args.get(m.group(1), defaults.get(m.group(1), m.group(0))),
+                           names[0])
+            if "$" not in image and image.lower() != "scratch" and image.lower() not in stages:
+                bases.append(image)
+            if len(names) >= 3 and names[1].upper() == "AS":
+                stages.add(names[2].lower())
+    return list(dict.fromkeys(bases))
 
 
 def _dir_entry(name: str) -> tarfile.TarInfo:

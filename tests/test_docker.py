@@ -366,3 +366,112 @@ def test_a_container_stopped_outside_mngr_can_be_started_again(dk):
     assert rows(dk)["outside"]["host_state"] == "stopped"
     dk.ok("start", "outside")
     assert rows(dk)["outside"]["state"] == "running"
+    dk.ok("stop", "outside")
+    docker("start", "mngr-outside")                # and started again outside mngr
+    assert rows(dk)["outside"]["host_state"] == "running"
+    result = dk("enforce", "--json", "--provider", dk.provider, "--at=+30d")
+    row = json.loads(result.out)[0]                # its record says stopped already: still fine
+    assert result.code == 0 and row["action"] == "stop" and row["result"] == "done", row
+    assert status(container(dk, "outside")) == "exited"
+    assert rows(dk)["outside"]["host_state"] == "stopped"
+
+
+def test_a_failed_build_lists_as_failed_and_a_missing_base_is_never_pulled(dk, tmp_path):
+    broken = tmp_path / "broken" / "Dockerfile"
+    broken.parent.mkdir()
+    broken.write_text(f"FROM {IMAGE}\nRUN exit 3\n")
+    result = dk("create", "badbuild", "--in", dk.provider, "--dockerfile", str(broken),
+                "--agent-cmd", "sleep 1", "--no-connect")
+    assert result.code == 1 and "building the image failed" in result.err, result.err
+    assert rows(dk)["badbuild"]["host_state"] == "failed"  # shown, never half-made and hidden
+    dk.ok("destroy", "-f", "badbuild")
+    assert rows(dk) == {}
+
+    elsewhere = tmp_path / "elsewhere" / "Dockerfile"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("ARG BASE=mngr-nowhere:1\nFROM ${BASE} AS first\nFROM first\n")
+    result = dk("create", "nobase", "--in", dk.provider, "--dockerfile", str(elsewhere),
+                "--agent-cmd", "sleep 1", "--no-connect")
+    assert result.code == 1 and "base image mngr-nowhere:1 is not available locally" in result.err
+    assert "--pull" in result.err and result.err.count("\n") == 1
+    assert rows(dk)["nobase"]["host_state"] == "failed"
+
+
+def test_boot_hooks_run_once_a_boot(dk):
+    dk.ok("create", "hooks", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect",
+          "--start-on-boot")
+    cid = container(dk, "hooks")
+    docker("exec", "-i", cid, "sh", "-c", "cat > /mngr/hooks/boot/10-count; chmod +x /mngr/hooks/boot/10-count",
+           input="#!/bin/sh\necho boot >> /work/boots\n")
+    dk.ok("stop", "hooks")
+    dk.ok("start", "hooks")
+    docker("exec", cid, "pkill", "-f", "[/]mngr/bin watch")   # PID 1 starts its watcher again
+    assert wait_for(lambda: "watcher_restarted" in docker("exec", cid, "cat", "/mngr/events/init.jsonl").stdout,
+                    timeout=20)
+    assert docker("exec", cid, "cat", "/work/boots").stdout.split() == ["boot"]
+    dk.ok("stop", "hooks")
+    dk.ok("start", "hooks")
+    assert docker("exec", cid, "cat", "/work/boots").stdout.split() == ["boot", "boot"]
+
+
+def test_a_snapshot_keeps_the_container_options_and_outlives_its_built_image(dk, tmp_path):
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text(f"FROM {IMAGE}\nRUN echo built > /built\n")
+    dk.ok("create", "opts", "--in", dk.provider, "--dockerfile", str(dockerfile), "--memory", "256m",
+          "--agent-cmd", "sleep 600", "--no-connect")
+    snapshot = json.loads(dk.ok("snapshot", "create", "opts", "--json").out)
+    old = container(dk, "opts")
+    dk.ok("start", "opts", "--snapshot", snapshot["id"])
+    new = container(dk, "opts")
+    assert new != old and docker("ps", "-aq", "--filter", f"id={old}").stdout.strip() == ""
+    assert json.loads(docker("inspect", new).stdout)[0]["HostConfig"]["Memory"] == 256 * 2**20
+    dk.ok("destroy", "-f", "opts")          # removes the image built for it, not the snapshot
+    assert [s["id"] for s in json.loads(dk.ok("snapshot", "list", "--json").out)] == [snapshot["id"]]
+    dk.ok("create", "heir", "--in", dk.provider, "--snapshot", snapshot["id"],
+          "--agent-cmd", "sleep 600", "--no-connect")
+    assert dk.ok("exec", "heir", "--", "cat /built").out.strip() == "built"
+
+
+def test_a_snapshot_that_cannot_start_puts_the_old_container_back(dk):
+    dk.ok("create", "keep", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect")
+    dk.ok("exec", "keep", "--", "echo mine > state")
+    snapshot = json.loads(dk.ok("snapshot", "create", "keep", "--json").out)
+    old = container(dk, "keep")
+    # the snapshot loses python3: a container made from it cannot run its host
+    docker("exec", old, "sh", "-c", "rm -f /usr/bin/python3*")
+    broken = json.loads(dk.ok("snapshot", "create", "keep", "--json").out)
+    dk.ok("stop", "keep")
+    result = dk("start", "keep", "--snapshot", broken["id"])
+    assert result.code == 1 and "no python3" in result.err, result.err
+    assert container(dk, "keep") == old and status(old) == "exited"
+    assert json.loads(docker("inspect", old).stdout)[0]["Name"] == "/mngr-keep"
+    dk.ok("start", "keep", "--snapshot", snapshot["id"])
+    assert dk.ok("exec", "keep", "--", "cat state").out.strip() == "mine"
+
+
+def test_a_container_removed_while_listing_is_shown_as_gone(dk, tmp_path):
+    dk.ok("create", "stays", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect")
+    dk.ok("create", "goes", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect")
+    real = subprocess.run(["sh", "-c", "command -v docker"], capture_output=True, text=True).stdout.strip()
+    shim = tmp_path / "bin" / "docker"
+    shim.parent.mkdir()
+    # between `docker ps` and `docker inspect`, someone removes a container
+    shim.write_text(f"#!/bin/sh\nif [ \"$1\" = inspect ] && [ ! -e {tmp_path}/done ]; then\n"
+                    f"  touch {tmp_path}/done; {real} rm -f {container(dk, 'goes')} >/dev/null\nfi\n"
+                    f"exec {real} \"$@\"\n")
+    shim.chmod(0o755)
+    listed = dk("list", "--json", env={"PATH": f"{shim.parent}:{os.environ['PATH']}"})
+    assert listed.code == 0, listed.err
+    states = {r["name"]: r["host_state"] for r in json.loads(listed.out)}
+    assert states == {"stays": "running", "goes": "destroyed"}
+
+
+def test_dockerfile_bases_are_what_a_build_would_pull():
+    from providers.docker import dockerfile_bases
+
+    text = ("# syntax=docker/dockerfile:1\nARG BASE=debian:bookworm\nARG TAG\n"
+            "FROM --platform=linux/amd64 ${BASE} AS build\nRUN make\n"
+            "FROM build AS test\nFROM scratch\nFROM alpine:$TAG\nFROM busybox:1 \\\n  AS last\n"
+            "COPY --from=build /a /b\n")
+    assert dockerfile_bases(text, {}) == ["debian:bookworm", "busybox:1"]
+    assert dockerfile_bases(text, {"BASE": "mine:2", "TAG": "3"}) == ["mine:2", "alpine:3", "busybox:1"]
