@@ -731,10 +731,10 @@ class DockerProvider(RecordKeeper):
         argv = ["docker", "exec", "-i", "-w", view.record.work_dir,
                 "-e", f"{mngr.ENV_HOST_DIR}={HOST_DIR}", "-e", f"MNGR_AGENT_NAME={view.record.name}",
                 "-e", f"MNGR_AGENT_ID={view.record.id}"]
-        for key, value in sorted(env.items()):
-            argv += ["-e", f"{key}={value}"]
+        for key in sorted(env):  # by name: docker takes the value from its own environment,
+            argv += ["-e", key]   # so no secret is on a command line for ps to show
         argv += [container, "sh", "-c", shell_command]
-        return mngr.run(argv, env=self.env, capture=False, check=False, timeout=timeout,
+        return mngr.run(argv, env={**self.env, **env}, capture=False, check=False, timeout=timeout,
                         what=f"exec in {view.record.name}").returncode
 
     def attach(self, view) -> int:

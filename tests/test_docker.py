@@ -289,7 +289,7 @@ def test_network_only_with_net_egress(dk):
     assert row["permissions"] == ["net:egress"] and row["host_permissions"] == ["net:egress"]
 
 
-def test_env_reaches_a_container_only_with_its_grant(dk):
+def test_env_reaches_a_container_only_with_its_grant(dk, tmp_path):
     result = dk("create", "secret", "--in", dk.provider, "--agent-cmd", "sleep 600", "--no-connect",
                 "--env", "TOKEN=abc")
     assert result.code == 1 and "env TOKEN needs a grant" in result.err
@@ -298,6 +298,15 @@ def test_env_reaches_a_container_only_with_its_grant(dk):
           "--env", "TOKEN=abc", "--grant", "env:TOKEN")
     assert dk.ok("exec", "secret", "--", "tmux -L mngr show-environment -t =mngr-secret TOKEN"
                  ).out.strip() == "TOKEN=abc"
+    # exec passes it too, by name: the value is never on a command line for ps to show
+    real = subprocess.run(["sh", "-c", "command -v docker"], capture_output=True, text=True).stdout.strip()
+    shim = tmp_path / "bin" / "docker"
+    shim.parent.mkdir()
+    shim.write_text(f"#!/bin/sh\necho \"$*\" >> {tmp_path}/argv\nexec {real} \"$@\"\n")
+    shim.chmod(0o755)
+    out = dk.ok("exec", "secret", "--", "echo $TOKEN", env={"PATH": f"{shim.parent}:{os.environ['PATH']}"})
+    assert out.out.strip() == "abc"
+    assert "exec" in (tmp_path / "argv").read_text() and "abc" not in (tmp_path / "argv").read_text()
 
 
 def test_bind_mounts_only_with_an_fs_grant(dk, tmp_path):
