@@ -19,9 +19,12 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import re
+import secrets
 import shlex
 import shutil
+import stat
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,13 +36,19 @@ import mngr
 from .remote import CopyPlan, RecordKeeper, clean_report, need_terminal, one_at_a_time
 
 CONTROL_PERSIST = 300          # seconds an idle control master stays up
-REPORT_TIMEOUT = 20            # seconds the in-host part of a report may take
+REPORT_TIMEOUT = 20            # seconds the in-host part of a report may take, at most
+REPORT_MARGIN = 5              # seconds of the ssh call's timeout kept beyond the in-host part
+REPORT_MAX_BYTES = 16 << 20    # a report longer than this is cut short (and then malformed)
 CONNECT_TIMEOUT = 10           # seconds to set up a connection
 CALL_TIMEOUT = 60.0            # seconds for one remote command, unless told
 COPY_TIMEOUT = 1800.0          # seconds for copying a work dir
 PARALLEL = 8                   # machines queried at once
 EXIT_NO_AGENT_USER = 93        # the remote script's sentinel: agent_user does not exist there
+EXIT_NO_TIMEOUT = 94           # the remote script's sentinel: no timeout(1) there
+EXIT_POWER_OFF_FAILED = 95     # the stop script's sentinel: agents stopped, the power-off failed
 SSH_FAILED = 255               # ssh's own exit code: it never ran the command
+CONTROL_DIR_MAX = 49           # longest control dir: ssh adds /%C (41) and, while binding, .<16 random>;
+                               # a unix socket path has at most 107 bytes
 FACTS_MARK = "mngr-facts"
 NO_REPORT_MARK = "mngr-no-host-dir"
 MACHINE_KEYS = {"address": str, "port": int, "user": str, "identity": str, "host_dir": str,
@@ -90,12 +99,29 @@ class Machine:
             raise mngr.ConfigError(f"{where}: machine {name}: port {machine.port} is out of range")
         if machine.agent_user and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", machine.agent_user):
             raise mngr.ConfigError(f"{where}: machine {name}: bad agent_user {machine.agent_user!r}")
+        for key in ("host_dir", "work_root"):
+            check_machine_dir(getattr(machine, key), f"{where}: machine {name}: {key}")
         return machine
 
     def to_conf(self) -> dict:
         defaults = Machine(self.name, self.address)
         return {k: v for k, v in asdict(self).items()
                 if k in MACHINE_KEYS and (k == "address" or v != getattr(defaults, k))}
+
+
+def check_machine_dir(path: str, what: str) -> None:
+    """host_dir and work_root: an absolute path or ~/path below the home dir, never the
+    home dir or / itself (destroy removes them: rm -rf)."""
+    if path.startswith("~/"):
+        rest = path[2:]
+    elif path.startswith("/"):
+        rest = path
+    else:
+        rest = ""
+    parts = [p for p in rest.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts or "\n" in path or "\0" in path:
+        raise mngr.ConfigError(f"{what} must be an absolute path or ~/path below the home dir, "
+                               f"not {path!r}")
 
 
 def parse_target(text: str):
@@ -114,10 +140,14 @@ def control_dir(user_dir: Path) -> Path:
     """Where control sockets live: under the user's mngr dir, or a short path beside
     it when that is too long for a unix socket."""
     wanted = user_dir / "ssh"
-    if len(str(wanted)) > 60:
+    if len(str(wanted)) > CONTROL_DIR_MAX:
         digest = hashlib.sha256(str(user_dir).encode()).hexdigest()[:12]
         wanted = Path("/tmp") / f"mngr-ssh-{os.getuid()}-{digest}"
     wanted.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = os.lstat(wanted)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise mngr.RefusedError(f"{wanted} is not a directory of this user: not using it for ssh "
+                                "control sockets", "remove it, then run mngr again")
     os.chmod(wanted, 0o700)
     return wanted
 
@@ -261,6 +291,19 @@ def prelude(machine: Machine) -> str:
     return who + f"D={_home_path(machine.host_dir)}; W={_home_path(machine.work_root)}; "
 
 
+def framed(script: str):
+    """(script, mark): the script, first printing a line of its own that no login shell
+    noise (an rc file's echo) can match; unframed() keeps what follows that line."""
+    mark = f"mngr-out-{secrets.token_hex(8)}"
+    return f"printf '%s\\n' {mark}; " + script, mark
+
+
+def unframed(stdout: str, mark: str) -> list:
+    """The lines the script printed after its mark (none when the mark is missing)."""
+    lines = stdout.split("\n")
+    return lines[lines.index(mark) + 1:] if mark in lines else []
+
+
 def in_host(machine: Machine, *argv) -> str:
     """sh for running the copied-in mngr.py as the agents' user."""
     return ('$AS env MNGR_HOST_DIR="$D" python3 -I -S -c ' + shlex.quote(mngr.HOST_BOOT) + ' "$D/bin" '
@@ -270,10 +313,12 @@ def in_host(machine: Machine, *argv) -> str:
 CHECKS = (f"command -v python3 >/dev/null 2>&1 || exit {mngr.EXIT_INIT_NO_PYTHON}; "
           f"python3 -c 'import sys; sys.exit(sys.version_info < (3, 9))' "
           f"|| exit {mngr.EXIT_INIT_OLD_PYTHON}; "
-          f"command -v tmux >/dev/null 2>&1 || exit {mngr.EXIT_INIT_NO_TMUX}; ")
+          f"command -v tmux >/dev/null 2>&1 || exit {mngr.EXIT_INIT_NO_TMUX}; "
+          f"command -v timeout >/dev/null 2>&1 || exit {EXIT_NO_TIMEOUT}; ")
 MACHINE_EXIT_REASONS = {mngr.EXIT_INIT_NO_PYTHON: "python3 is not installed there",
                         mngr.EXIT_INIT_OLD_PYTHON: "its python3 is older than 3.9",
                         mngr.EXIT_INIT_NO_TMUX: "tmux is not installed there",
+                        EXIT_NO_TIMEOUT: "timeout (coreutils) is not installed there",
                         EXIT_NO_AGENT_USER: "its agent_user does not exist there"}
 
 
@@ -377,12 +422,12 @@ class SshProvider(RecordKeeper):
     def check_machine(self, machine: Machine, accept_host_key: bool = False) -> dict:
         """Reach the machine (accepting an unknown host key when told) and check that
         agents can run there: python3 3.9+, tmux, and agent_user when set."""
-        result = self.ssh.run(machine, prelude(machine) + CHECKS +
-                              'printf "%s\\n%s\\n" "$(uname -sr)" "$(python3 -V 2>&1)"',
-                              accept_new=accept_host_key)
+        script, mark = framed(prelude(machine) + CHECKS +
+                              'printf "%s\\n%s\\n" "$(uname -sr)" "$(python3 -V 2>&1)"')
+        result = self.ssh.run(machine, script, accept_new=accept_host_key)
         if result.returncode != 0:
             raise self._machine_error(machine, result)
-        system, python = (result.stdout.splitlines() + ["", ""])[:2]
+        system, python = (unframed(result.stdout, mark) + ["", ""])[:2]
         return {"machine": machine.name, "provider": self.name, "address": machine.where,
                 "ok": True, "system": system, "python": python.replace("Python ", "")}
 
@@ -390,8 +435,8 @@ class SshProvider(RecordKeeper):
         reason = MACHINE_EXIT_REASONS.get(result.returncode)
         if reason:
             return mngr.RefusedError(f"machine {machine.name} cannot run agents: {reason}",
-                                     "install python3 (3.9+) and tmux there, e.g. "
-                                     "apt-get install python3 tmux")
+                                     "install python3 (3.9+), tmux and coreutils there, e.g. "
+                                     "apt-get install python3 tmux coreutils")
         tail = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
         return mngr.CommandFailedError(f"on machine {machine.name}: {tail}", detail=result.stderr)
 
@@ -439,29 +484,50 @@ class SshProvider(RecordKeeper):
                 hosts.append(host)
         return hosts
 
+    def report_timeout(self) -> int:
+        """Seconds the in-host part of a report may take: well inside the ssh call's own
+        timeout, so a report that hangs is a failed report, never a machine that seems
+        unreachable (which enforcement leaves alone)."""
+        room = self.ssh.timeout - self.ssh.connect_timeout - REPORT_MARGIN
+        return max(1, min(REPORT_TIMEOUT, int(room)))
+
     def _report(self, machine: Machine):
         """(facts, report) of a machine in one ssh call: its boot time, read as the user
         mngr connects as (certified), then what the copied-in mngr.py reports."""
-        # the in-host part is the agents' code: bounded, and never allowed to pass for ssh
+        # the in-host part is the agents' code: killed after report_timeout(), its output
+        # into files of the user mngr connects as (a process it leaves behind holding
+        # them cannot hold the ssh channel open), and never allowed to pass for ssh
         # failing (exit 255), so a host cannot make itself look unreachable
+        nonce = secrets.token_hex(8)
+        limit = self.report_timeout()
+        quiet = "</dev/null >/dev/null 2>&1"
         script = (prelude(machine) +
-                  f"printf '{FACTS_MARK} %s\\n' \"$(sed -n 's/^btime //p' /proc/stat)\"; "
-                  f"$AS test -f \"$D/bin/mngr.py\" || {{ echo {NO_REPORT_MARK}; exit 0; }}; "
-                  f"T=; command -v timeout >/dev/null 2>&1 && T='timeout -s KILL {REPORT_TIMEOUT}'; "
+                  f"printf '{FACTS_MARK} {nonce} %s\\n' \"$(sed -n 's/^btime //p' /proc/stat)\"; "
+                  f"command -v timeout >/dev/null 2>&1 || {{ echo 'timeout (coreutils) is not "
+                  f"installed there' >&2; exit 1; }}; "
+                  f"T='timeout -s KILL {limit}'; "
+                  f"$T $AS test -f \"$D/bin/mngr.py\" {quiet} || {{ echo {NO_REPORT_MARK}; exit 0; }}; "
+                  "F=$(mktemp -d) || exit 1; trap 'rm -rf \"$F\"' EXIT; "
                   + "$T " + in_host(machine, "host-report", "--tmux-socket", machine.tmux_socket)
-                  + '; R=$?; [ "$R" -eq 255 ] && R=254; exit "$R"')
+                  + ' </dev/null >"$F/out" 2>"$F/err"; R=$?; '
+                  f'head -c {REPORT_MAX_BYTES} "$F/out"; tail -c 2000 "$F/err" >&2; '
+                  f'[ "$R" -eq 137 ] && echo "host-report did not finish within {limit}s" >&2; '
+                  '[ "$R" -eq 255 ] && R=254; exit "$R"')
         try:
             result = self.ssh.run(machine, script)
         except mngr.MngrError as exc:
             return {"exists": True, "reachable": False, "error": exc.line()}, None
-        first, _, rest = result.stdout.partition("\n")
         facts = {"exists": True, "reachable": True, "machine": machine.name}
-        if not first.startswith(FACTS_MARK):
+        # the facts line is the first this script prints: a login shell's noise before it
+        # is skipped, and nothing can pass for it without this call's nonce
+        lines = result.stdout.split("\n")
+        found = [i for i, line in enumerate(lines)
+                 if re.fullmatch(rf"{FACTS_MARK} {nonce} ([0-9]*)", line)]
+        if not found:
             return facts, {"error": "no answer from the machine's shell"}
-        try:
-            facts["started"] = float(first.split()[1])
-        except (IndexError, ValueError):
-            facts["started"] = None
+        first, rest = lines[found[0]], "\n".join(lines[found[0] + 1:])
+        btime = first.rsplit(" ", 1)[1]
+        facts["started"] = float(btime) if btime else None
         if rest.strip() == NO_REPORT_MARK:
             return facts, {"error": "the host dir is gone from the machine"}
         if result.returncode != 0:
@@ -542,14 +608,12 @@ class SshProvider(RecordKeeper):
             if any(r.name == machine.name for _, r in self._records()):
                 raise mngr.RefusedError(f"machine {machine.name} got a host meanwhile", "run it again")
             self._begin_host(record, store)
-        work_made, installed = "", False
+        home, agent, deploying = None, None, False
         try:
             home = self._install(machine)
-            installed = True
             agent = self._agent_record(plan, host_id, now, home["work_root"])
             self.ctx.hook("on_before_agent_create",
                           mngr.agent_info(agent, mngr.host_info(record, self.name)))
-            work_made = agent.work_dir
             self._copy_work(machine, plan, agent.work_dir)
             self.ctx.hook("on_after_host_create", mngr.host_info(record, self.name))
             store.write_agent(agent)
@@ -558,11 +622,13 @@ class SshProvider(RecordKeeper):
             record = replace(record, agents=(agent.id,),
                              version=store.next_version(host_id, record.version))
             running = self._set_state(store, record, "running", write=False)
+            deploying = True
             self._deploy(machine, store, start=[agent.id], records=[agent, running], new_host=True)
         except BaseException as exc:
-            # nothing half-made: what went onto the machine goes, and the record with it
-            if installed:
-                self._remove_from_machine(machine, work_made, whole_host_dir=True)
+            # nothing half-made: what this create put onto the machine goes (the agent's
+            # session, the dirs it made), and the record with it
+            if home is not None:
+                self._undo_create(machine, home, agent, watcher=deploying)
             self._drop_records(record)
             if isinstance(exc, mngr.MngrError) and not exc.hint:
                 exc.hint = "nothing was left on the machine; fix the cause and create again"
@@ -572,6 +638,34 @@ class SshProvider(RecordKeeper):
         self.ctx.hook("on_after_agent_create", mngr.agent_info(agent, mngr.host_info(running, self.name),
                                                                view.state))
         return view
+
+    def _undo_create(self, machine: Machine, home: dict, agent, watcher: bool = False) -> None:
+        """Best effort, after a failed create: the agent's session, its watcher and the
+        host dir and work root when this create made them, else the agent's own dirs.
+        watcher: the deploy may have started one (it writes its pid file as it starts)."""
+        script = prelude(machine)
+        if agent is not None:
+            script += (f"$AS tmux -L {shlex.quote(machine.tmux_socket)} kill-session -t "
+                       f"{shlex.quote('=' + agent.session)} 2>/dev/null; ")
+        paths = []
+        if home["made_host"]:
+            if watcher:
+                script += ('for i in $(seq 30); do [ -f "$D/watcher.pid" ] && break; sleep 0.1; done; ')
+            script += ('P=$(cat "$D/watcher.pid" 2>/dev/null) && $AS kill "$P" 2>/dev/null && '
+                       'for i in $(seq 50); do kill -0 "$P" 2>/dev/null || break; sleep 0.1; done; ')
+            paths.append(home["made_host"])
+        elif agent is not None:
+            paths.append(f"{home['host_dir']}/agents/{agent.id}")
+        if home["made_work"]:
+            paths.append(home["made_work"])
+        elif agent is not None:
+            paths.append(agent.work_dir)
+        if paths:
+            script += "$AS rm -rf -- " + " ".join(shlex.quote(p) for p in paths)
+        try:
+            self.ssh.run(machine, script, timeout=120)
+        except mngr.MngrError as exc:
+            mngr.warn(f"could not clean up on machine {machine.name}: {exc.line()}")
 
     def _agent_record(self, plan: SshPlan, host_id: str, now: float, work_root: str) -> mngr.AgentRecord:
         return mngr.AgentRecord(
@@ -613,7 +707,7 @@ class SshProvider(RecordKeeper):
             self._deploy(machine, store, start=[agent.id], records=[agent, record])
         except BaseException:
             shutil.rmtree(store.host_dir.agent_dir(agent.id), ignore_errors=True)
-            self._remove_from_machine(machine, agent.work_dir)
+            self._undo_create(machine, {**home, "made_host": "", "made_work": ""}, agent)
             raise
         self.ctx.state_changed(host.record, record, self.name)
         view = self._fresh_view(record, agent, {"machine": machine.name, "reachable": True})
@@ -622,22 +716,31 @@ class SshProvider(RecordKeeper):
 
     def _install(self, machine: Machine) -> dict:
         """Check the machine can run agents and put this mngr.py into its host dir (one
-        ssh call); the host dir and work root as absolute paths there."""
-        script = (prelude(machine) + CHECKS +
-                  # a new host dir gets its (free) deploy lock; an existing one is left as it is
-                  '$AS sh -c \'{ [ -f "$1/data.json" ] || mkdir -p "$1/deploy_lock"; } && '
-                  'mkdir -p "$1/bin" "$2" && cat > "$1/bin/mngr.py.new" '
-                  '&& mv -f "$1/bin/mngr.py.new" "$1/bin/mngr.py"\' sh "$D" "$W" || exit 1; '
-                  'printf "%s\\n%s\\n" "$D" "$W"')
+        ssh call); the host dir and work root as absolute paths there, and the top dirs
+        this call made for them ("" when they were there before): what a failed create
+        removes. A failure here removes what it made itself."""
+        inner = (
+            # the topmost missing dir of a path: what mkdir -p makes for it
+            'top() { p=$1; t=; while [ ! -e "$p" ] && [ ! -L "$p" ]; do t=$p; p=$(dirname "$p"); done; '
+            'printf "%s" "$t"; }; A=$(top "$1"); B=$(top "$2"); '
+            # a new host dir gets its (free) deploy lock; an existing one is left as it is
+            'if { [ -f "$1/data.json" ] || mkdir -p "$1/deploy_lock"; } && mkdir -p "$1/bin" "$2" '
+            '&& cat > "$1/bin/mngr.py.new" && mv -f "$1/bin/mngr.py.new" "$1/bin/mngr.py"; '
+            'then printf "%s\\n%s\\n%s\\n%s\\n" "$1" "$2" "$A" "$B"; '
+            'else rm -f "$1/bin/mngr.py.new"; for m in "$A" "$B"; do [ -z "$m" ] || rm -rf "$m"; done; '
+            'exit 1; fi')
+        script, mark = framed(prelude(machine) + CHECKS + "$AS sh -c " + shlex.quote(inner)
+                              + ' sh "$D" "$W" || exit 1')
         result = self.ssh.run(machine, script, input=Path(mngr.__file__).resolve().read_bytes(),
                               text=True)
         if result.returncode != 0:
             raise self._machine_error(machine, result)
-        host_dir, work_root = (result.stdout.splitlines() + ["", ""])[:2]
+        host_dir, work_root, made_host, made_work = (unframed(result.stdout, mark) + [""] * 4)[:4]
         if not host_dir.startswith("/") or not work_root.startswith("/"):
             raise mngr.CommandFailedError(f"machine {machine.name} gave no usable home dir",
                                           "set host_dir and work_root to absolute paths")
-        return {"host_dir": host_dir, "work_root": work_root}
+        return {"host_dir": host_dir, "work_root": work_root, "made_host": made_host,
+                "made_work": made_work}
 
     def _copy_work(self, machine: Machine, plan: SshPlan, work_dir: str) -> None:
         """The source dir as a tar stream into its work dir there (--exclude honoured)."""
@@ -798,6 +901,13 @@ class SshProvider(RecordKeeper):
             record = self._set_state(store, record, "stopping")
         result = self.ssh.run(machine, self._stop_script(machine, power_off, kill_all),
                               timeout=mngr.HOOK_TIMEOUT + 30)
+        if result.returncode == EXIT_POWER_OFF_FAILED:
+            lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+            why = "; ".join(lines[-2:]) or "powering off failed"
+            raise mngr.CommandFailedError(
+                f"its agents stopped, but powering off machine {machine.name} failed: {why}",
+                "check its shutdown_command (and sudo rights); mngr enforce tries again after "
+                "the stopping timeout", detail=result.stderr)
         if result.returncode != 0:
             tail = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
             raise mngr.CommandFailedError(f"stopping agents on machine {machine.name} failed: {tail}",
@@ -816,7 +926,7 @@ class SshProvider(RecordKeeper):
         """Stop hooks and agents (the agents' own code: bounded, never trusted to finish),
         then, whatever it did: with agent_user every process of that user, when forced
         their tmux server, and with allow_shutdown the power. Exit: that of the hooks,
-        or 0 once everything was killed."""
+        or 0 once everything was killed; EXIT_POWER_OFF_FAILED when the power-off failed."""
         script = (prelude(machine) + "T=; command -v timeout >/dev/null 2>&1 && "
                   f"T='timeout -s KILL {int(mngr.HOOK_TIMEOUT)}'; $T "
                   + in_host(machine, "host-stop", "--tmux-socket", machine.tmux_socket) + "; S=$?; ")
@@ -831,8 +941,10 @@ class SshProvider(RecordKeeper):
                        f'if {alive}; then echo "processes of '
                        f'{machine.agent_user} survived" >&2; S=1; else S=0; fi; }}; ')
         if power_off and machine.allow_shutdown:
-            script += (machine.shutdown_command or 'if [ "$(id -u)" = 0 ]; then shutdown -h now; '
-                       'else sudo -n shutdown -h now; fi') + "; "
+            command = machine.shutdown_command or ('if [ "$(id -u)" = 0 ]; then shutdown -h now; '
+                                                   'else sudo -n shutdown -h now; fi')
+            script += (f"{{ {command}\n}}; P=$?; if [ \"$P\" -ne 0 ]; then echo \"powering off failed "
+                       f"(exit $P)\" >&2; S={EXIT_POWER_OFF_FAILED}; fi; ")
         return script + "exit $S"
 
     @one_at_a_time
@@ -860,13 +972,31 @@ class SshProvider(RecordKeeper):
         return result.stdout
 
     def exec_in(self, view, shell_command: str, timeout) -> int:
+        """The command in the agent's work dir, with its env. The env (secrets among it)
+        never goes on a command line, where ps shows it on both ends: a first call sends
+        it on stdin into a file only the agents' user can read, which the command's shell
+        reads and removes before anything else; stdin stays the user's."""
         machine = self._reachable(view)
         env = mngr.read_env_file(self.store(view.host.record.id).host_dir.agent_dir(view.record.id) / "env")
         env.update(MNGR_AGENT_NAME=view.record.name, MNGR_AGENT_ID=view.record.id)
-        assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items()))
-        script = (prelude(machine) + f'exec $AS env MNGR_HOST_DIR="$D" {assignments} sh -c '
-                  + shlex.quote('cd "$1" || exit 1; shift; exec sh -c "$@"') + " sh "
-                  + shlex.quote(view.record.work_dir) + " " + shlex.quote(shell_command))
+        bad = sorted(k for k in env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k))
+        if bad:
+            raise mngr.RefusedError(f"agent {view.record.name} has env names a shell cannot set: "
+                                    + ", ".join(bad), "rename them in its env")
+        blob = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
+        script, mark = framed(prelude(machine) + "$AS sh -c " + shlex.quote(
+            'umask 077; F=$(mktemp "${TMPDIR:-/tmp}/mngr-exec.XXXXXXXX") || exit 1; '
+            'cat > "$F" || { rm -f "$F"; exit 1; }; printf "%s\\n" "$F"'))
+        sent = self.ssh.run(machine, script, input=blob)
+        path = (unframed(sent.stdout, mark) + [""])[0]
+        if sent.returncode != 0 or not path.startswith("/"):
+            tail = (sent.stderr.strip().splitlines() or [f"exit {sent.returncode}"])[-1]
+            raise mngr.CommandFailedError(f"exec in {view.record.name}: could not pass its env to "
+                                          f"machine {machine.name}: {tail}", detail=sent.stderr)
+        script = (prelude(machine) + 'exec $AS env MNGR_HOST_DIR="$D" sh -c '
+                  + shlex.quote('. "$2"; S=$?; rm -f "$2"; [ "$S" -eq 0 ] || exit 1; '
+                                'cd "$1" || exit 1; exec sh -c "$3"') + " sh "
+                  + " ".join(shlex.quote(a) for a in (view.record.work_dir, path, shell_command)))
         return mngr.run(self.ssh.argv(machine, "sh -c " + shlex.quote(script)), env=self.ssh.env,
                         capture=False, check=False, timeout=timeout,
                         what=f"exec in {view.record.name}").returncode

@@ -32,7 +32,7 @@ def sshd_without_python(extra: str = "") -> "Sshd":
     bare = root / "bare-bin"
     bare.mkdir(mode=0o755)
     os.symlink(shutil.which("sh"), bare / "sh")
-    return Sshd(root / "sshd", extra=f"SetEnv PATH={bare}\n" + extra)
+    return Sshd(root / "sshd", env={"PATH": str(bare)}, extra=extra)
 
 
 def have_sshd() -> bool:
@@ -57,10 +57,14 @@ def wait_port(address: str, port: int, timeout: float = 10.0) -> bool:
 
 
 class Sshd:
-    """One sshd; keys and config under `root`. Logins as root with the user key."""
+    """One sshd; keys and config under `root`. Logins as root with the user key.
+
+    Its sessions get SHLVL=1, so a login shell that is bash does not read the user's
+    ~/.bashrc as it does for ssh commands: the machine's own rc files (root's here) are
+    not the test's, and can be slow or hang (a tool's stale lock)."""
 
     def __init__(self, root: Path, address: str = "127.0.0.1", port: int = 0, netns: str = "",
-                 extra: str = ""):
+                 extra: str = "", env: dict = None):
         self.root = root
         self.address = address
         self.port = port or free_port()
@@ -78,7 +82,9 @@ class Sshd:
             f"PidFile {root / 'sshd.pid'}\nAuthorizedKeysFile {root / 'authorized_keys'}\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nLogLevel ERROR\n"
-            "MaxSessions 100\nMaxStartups 100\n" + extra)
+            "MaxSessions 100\nMaxStartups 100\n"
+            "SetEnv " + " ".join(f"{k}={v}" for k, v in {"SHLVL": "1", **(env or {})}.items()) + "\n"
+            + extra)
         self.pid = 0
 
     @property
@@ -97,7 +103,9 @@ class Sshd:
                        check=True, timeout=30)
         pid_file = self.root / "sshd.pid"
         deadline = time.monotonic() + 10
-        while not pid_file.exists() and time.monotonic() < deadline:
+        # the file may be there, still empty: sshd writes it after creating it
+        while not (pid_file.exists() and pid_file.read_text().strip().isdigit()) \
+                and time.monotonic() < deadline:
             time.sleep(0.05)
         self.pid = int(pid_file.read_text())
         if not wait_port(self.address, self.port):

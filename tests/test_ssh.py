@@ -287,7 +287,7 @@ def test_enforce_over_a_cut_link_is_bounded_and_acts_on_nothing(lab):
         assert took < 45, took      # connect timeout 3s, call timeout 20s: bounded
         rows = {r["host"]: r for r in json.loads(result.out)}
         assert rows["far"]["result"] == "error" and rows["far"]["unreachable"] is True
-        assert rows["m1"]["result"] == "ok"     # the other machine was still handled
+        assert rows["m1"]["result"] == "ok", result.out     # the other machine was still handled
         audit = [json.loads(line) for line in
                  (lab.cli.home / ".mngr" / "audit.jsonl").read_text().splitlines()]
         assert any(a["host"] == "far" and a["unreachable"] for a in audit)
@@ -459,3 +459,179 @@ def test_an_untrusted_host_cannot_pass_for_unreachable(lab):
     assert row["action"] == "stop" and row["cause"] == "tampered", result.out
     assert row["result"] == "done", result.out + result.err
     assert not running_as(TEST_USER)
+
+
+HOSTILE_REPORTS = {
+    # the report hangs: killed well before the ssh call's own timeout
+    "hangs": "import time\ntime.sleep(600)\n",
+    # the report leaves a process behind holding its output open, then says nothing useful
+    "holds its output": "import subprocess\nsubprocess.Popen(['setsid', 'sleep', '600'])\nprint('{}')\n",
+}
+
+
+@pytest.mark.parametrize("how", sorted(HOSTILE_REPORTS))
+def test_a_report_that_hangs_or_holds_the_channel_is_a_failed_report(lab, how):
+    """An untrusted host whose report never ends is a host that failed to report
+    (stopped), not one that cannot be reached (left alone)."""
+    need(have_test_user(), f"the test user {TEST_USER} (make test adds it)")
+    lab.base = lab.base.replace("timeout = 20", "timeout = 12")   # reports get 12-3-5 = 4s
+    tag = f"{os.getpid()}-{lab.cli.socket[-6:]}"
+    home = Path(f"/home/{TEST_USER}")
+    lab.cleanup.append(lambda: subprocess.run(["rm", "-rf", str(home / f".mngr-host-{tag}"),
+                                               str(home / f"w-{tag}")]))
+    lab.add("ua", agent_user=TEST_USER, host_dir=f"~/.mngr-host-{tag}", work_root=f"~/w-{tag}")
+    lab.cli.ok("create", "stuck", "--host", "ua", "--trust", "untrusted", "--agent-cmd", "sleep 600",
+               "--no-connect")
+    pid_file = home / f".mngr-host-{tag}" / "watcher.pid"
+    if pid_file.exists():   # the watcher would not report on its host either
+        subprocess.run(["runuser", "-u", TEST_USER, "--", "kill", pid_file.read_text().strip()])
+    script = home / f".mngr-host-{tag}" / "bin" / "mngr.py"
+    hostile = "import sys\nif 'host-report' not in sys.argv:\n    sys.exit(0)\n" + HOSTILE_REPORTS[how]
+    subprocess.run(["runuser", "-u", TEST_USER, "--", "sh", "-c", f"cat > {script}"], input=hostile,
+                   text=True, check=True)
+    started = time.monotonic()
+    result = lab.cli("enforce", "--json", timeout=120)
+    took = time.monotonic() - started
+    row = {r["host"]: r for r in json.loads(result.out)}["ua"]
+    assert not row.get("unreachable"), result.out
+    assert row["action"] == "stop" and row["cause"] == "tampered", result.out
+    assert row["result"] == "done", result.out + result.err
+    assert took < 40, took
+    assert wait_for(lambda: not running_as(TEST_USER), timeout=5)   # the stray process too
+
+
+def test_login_shell_noise_is_not_taken_for_the_report(lab):
+    """A machine whose login shell prints first (a chatty rc file), even a line that
+    looks like mngr's: creating there works, and its report is read as it is."""
+    noisy = Sshd(lab.root / "noisy-sshd", extra=(
+        'ForceCommand echo "mngr-facts 99999999999"; echo "mngr-out-0"; echo "welcome to m1"; '
+        'eval "$SSH_ORIGINAL_COMMAND"\n')).start()
+    lab.started.append(noisy)
+    lab.add("m1", sshd=noisy)
+    lab.trust_key(noisy)
+    assert json.loads(lab.cli.ok("host", "check", "m1", "--json").out)["ok"] is True
+    lab.cli.ok("create", "a", "--host", "m1", "--agent-cmd", "sleep 600", "--no-connect",
+               "--max-lifetime", "2s")
+    row = lab.agents()["a"]
+    assert row["state"] == "running" and row["verified"] is True, row
+    pid_file = lab.host_dir("m1") / "watcher.pid"
+    assert wait_for(pid_file.exists, timeout=5)
+    os.kill(int(pid_file.read_text()), 9)   # enforce judges it: by its real boot time
+    time.sleep(2.5)
+    result = lab.cli("enforce", "--json")
+    row = json.loads(result.out)[0]
+    assert row["action"] == "stop" and row["cause"] == "lifetime", result.out
+    assert row["result"] == "done", result.out + result.err
+
+
+def flaky_ssh(lab, when: str) -> dict:
+    """The env of an `ssh` first on PATH that, for the call whose remote command holds
+    `when`, runs it and then fails as ssh does when the link drops (exit 255)."""
+    bin_dir = lab.root / "flaky-bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    real = shutil.which("ssh")
+    (bin_dir / "ssh").write_text(f'#!/bin/sh\ncase "$*" in *"{when}"*) {real} "$@"; exit 255;; esac\n'
+                                 f'exec {real} "$@"\n')
+    (bin_dir / "ssh").chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_a_create_that_fails_late_removes_what_it_made_and_only_that(lab):
+    env = flaky_ssh(lab, "deploy --tmux-socket")    # the agent started there; ssh says no
+    result = lab.cli("create", "a", "--host", "m1", "--agent-cmd", "sleep 600", "--no-connect", env=env)
+    assert result.code != 0 and "Traceback" not in result.err, result.err
+    assert lab.tmux("m1", "has-session", "-t", "=mngr-a").returncode != 0
+    assert not (lab.root / "m1").exists()       # host dir and work root: this create made them
+    assert lab.agents() == {}
+    assert not list((lab.cli.home / ".mngr" / "hosts").glob("*/data.json"))
+    # a work root that was there before stays, with what was in it
+    keep = lab.root / "m2" / "work" / "keep"
+    keep.parent.mkdir(parents=True)
+    keep.write_text("mine")
+    lab.add("m2")
+    result = lab.cli("create", "b", "--host", "m2", "--agent-cmd", "sleep 600", "--no-connect", env=env)
+    assert result.code != 0
+    assert keep.read_text() == "mine" and sorted(p.name for p in keep.parent.iterdir()) == ["keep"]
+    assert not lab.host_dir("m2").exists(), sorted(lab.host_dir("m2").rglob("*"))
+    assert lab.tmux("m2", "has-session", "-t", "=mngr-b").returncode != 0
+    lab.cli.ok("create", "b", "--host", "m2", "--agent-cmd", "sleep 600", "--no-connect")
+
+
+def test_a_create_that_fails_installing_leaves_nothing_behind(lab):
+    machine = lab.root / "m1"
+    machine.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(machine)],
+                             capture_output=True)
+    need(mounted.returncode == 0, "mounting a tmpfs (root)")
+    try:
+        result = lab.cli("create", "a", "--host", "m1", "--agent-cmd", "sleep 600", "--no-connect")
+        assert result.code == 1 and "Traceback" not in result.err, result.err
+        assert list(machine.iterdir()) == []      # no host dir, no work root: mngr.py did not fit
+        assert lab.agents() == {}
+    finally:
+        subprocess.run(["umount", "-l", str(machine)], capture_output=True)
+
+
+def test_a_failed_power_off_is_a_failed_stop(lab):
+    lab.add("m1", allow_shutdown=True, shutdown_command="echo no power switch here >&2; false")
+    lab.cli.ok("create", "a", "--host", "m1", "--agent-cmd", "sleep 600", "--max-lifetime", "2s",
+               "--no-connect")
+    pid_file = lab.host_dir("m1") / "watcher.pid"
+    assert wait_for(pid_file.exists, timeout=5)
+    os.kill(int(pid_file.read_text()), 9)   # enforce, not the watcher, powers it off
+    time.sleep(2.5)
+    result = lab.cli("enforce", "--json")
+    row = json.loads(result.out)[0]
+    assert result.code == 1 and row["action"] == "stop" and row["result"] == "error", result.out
+    assert "powering off machine m1 failed" in row["error"] and "no power switch" in row["error"]
+    assert lab.tmux("m1", "has-session", "-t", "=mngr-a").returncode != 0   # its agents did stop
+    assert host_state(lab, "m1") == "stopping"     # not stopped: enforce forces it later
+
+
+def test_control_sockets_fit_a_unix_socket_path(lab):
+    """ssh binds <dir>/<40 hex>.<16 random> first, and a unix socket path has at most
+    107 bytes: a control dir of 49 bytes works, one of 50 does not (a short one instead)."""
+    for length in (49, 50):
+        pad = "p" * (length - len("/tmp/") - len("/.mngr/ssh"))
+        link = Path("/tmp") / pad      # the same home, by a path of the length wanted
+        assert len(str(link / ".mngr" / "ssh")) == length
+        link.symlink_to(lab.cli.home)
+        lab.cleanup.append(link.unlink)
+        result = lab.cli("host", "check", "m1", "-v", env={"HOME": str(link)})
+        assert result.code == 0, result.err
+        used = [a[len("ControlPath="):] for line in result.err.splitlines() if "run: ssh" in line
+                for a in line.split() if a.startswith("ControlPath=")]
+        assert used and used[0].endswith("/%C"), result.err
+        control = used[0][:-len("/%C")]
+        assert len(control) + 1 + 40 + 1 + 16 <= 107, control
+        assert (control == str(link / ".mngr" / "ssh")) == (length == 49), control
+        assert any(p.is_socket() for p in Path(control).iterdir())   # its control master
+
+
+def test_exec_keeps_env_secrets_off_command_lines(lab):
+    secret = f"s3cret-{os.getpid()}"
+    lab.cli.ok("create", "a", "--host", "m1", "--agent-cmd", "sleep 600", "--no-connect",
+               "--env", f"TOKEN={secret}", "--grant", "env:TOKEN")
+    bin_dir = lab.root / "argv-bin"
+    bin_dir.mkdir()
+    log = lab.root / "ssh-argv"
+    real = shutil.which("ssh")
+    (bin_dir / "ssh").write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {log}\nexec {real} "$@"\n')
+    (bin_dir / "ssh").chmod(0o755)
+    out = lab.cli.ok("exec", "a", "echo \"[$TOKEN]\"; pwd; ls /tmp | grep -c mngr-exec || true",
+                     env={"PATH": f"{bin_dir}:{os.environ['PATH']}"}).out.split()
+    assert out[0] == f"[{secret}]" and out[1].endswith("/work/a") and out[2] == "0", out
+    assert log.read_text() and secret not in log.read_text()
+
+
+@pytest.mark.parametrize("value", ["~", "~/", "/", "", "relative/dir", "/a/../..", "~/.."])
+def test_machine_dirs_must_be_absolute_and_below_home_or_root(lab, value):
+    lab.add("m1", host_dir=value)
+    result = lab.cli("host", "list")
+    assert result.code == 1, result.err
+    assert result.err.startswith("mngr: error: ") and len(result.err.strip().splitlines()) == 1
+    assert "machine m1: host_dir must be an absolute path or ~/path" in result.err
+    lab.add("m1")
+    bad = lab.cli("host", "add", "x", "--ssh", f"root@{lab.sshd.address}:{lab.sshd.port}",
+                  "--in", PROVIDER, "--work-root", value or "~")
+    assert bad.code == 1 and "work_root must be an absolute path or ~/path" in bad.err, bad.err
