@@ -10,20 +10,28 @@ through the EC2 API, so nothing inside an instance can prevent it.
 
 Calls per `list`: one `aws ec2 describe-instances` (the CLI pages through the
 results itself), then one ssh per running instance, in parallel.
+
+Host keys: an instance's key is learnt on first contact and pinned under its
+instance id (ssh HostKeyAlias) in the host's own known_hosts file, so a new
+address after a restart does not make ssh learn a key again: a changed key is
+refused.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
+import re
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mngr
 
 from .remote import one_at_a_time
-from .ssh import Machine, SshPlan, SshProvider
+from .ssh import Machine, Ssh, SshPlan, SshProvider
 
 TAG = "mngr"
 LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
@@ -38,7 +46,114 @@ CONF_KEYS = {"backend", "region", "profile", "endpoint_url", "ami", "instance_ty
              "identity", "security_group_ids", "subnet_id", "ssh_user", "ssh_proxy_jump",
              "address_override", "host_dir", "work_root", "tmux_socket", "shutdown_command",
              "policy", "trust", "timeout", "connect_timeout", "ready_timeout"}
-RETRIES = 3
+RETRIES = 5                 # tries of one aws call on throttling or a transient failure
+BACKOFF_BASE = 1.0          # seconds: the first retry waits up to this, each next one twice as long
+BACKOFF_CAP = 20.0          # and no retry waits longer than this
+PENDING_WAIT = 60           # seconds a stop waits for a pending instance to run (EC2 cannot stop it)
+EC2_TRANSITIONAL = ("pending", "stopping", "shutting-down")
+STATUS_FILE = "ec2-status.json"     # in a host's record dir: when mngr first saw its EC2 state
+
+
+def backoff_delay(attempt: int, rand=None) -> float:
+    """Seconds to wait before retry `attempt` (1, 2, ...): full jitter under a ceiling
+    that doubles each time and never passes BACKOFF_CAP, so many controllers throttled
+    at once do not all come back at the same moment."""
+    return (rand or random.random)() * min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1))
+
+
+def transition_since(status: str, launched, first_seen, signed_since, now: float) -> float:
+    """When an instance entered the EC2 state `status` (pending, stopping, shutting-down),
+    as far as mngr can tell: pending from its LaunchTime (set at every start), when that
+    is not older than the signed record's date; otherwise from when mngr first saw the
+    state, else now. Never earlier than the signed record's date, never later than now:
+    a stale record must not make a fresh transition look stuck."""
+    since = launched if status == "pending" and launched is not None else None
+    if since is None or signed_since is not None and since < signed_since:
+        since = first_seen if first_seen is not None else now
+    if signed_since is not None:
+        since = max(since, signed_since)
+    return min(since, now)
+
+
+def parse_address_override(value, name: str):
+    """address_override: "host", "host:port", "[v6]" or "[v6]:port" (or a bare IPv6
+    address) to (address, port), or None when unset. Anything else is a ConfigError."""
+    if value is None or value == "":
+        return None
+    bad = mngr.ConfigError(f"settings [providers.{name}]: bad address_override {value!r}",
+                           "use host or host:port (port 1-65535), [v6]:port for IPv6")
+    if not isinstance(value, str):
+        raise bad
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::([0-9]{1,5}))?|([^\s:\[\]@/]+)(?::([0-9]{1,5}))?", value)
+    if match:
+        address, port = match.group(1) or match.group(3), match.group(2) or match.group(4) or "22"
+    elif re.fullmatch(r"[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*", value):
+        address, port = value, "22"
+    else:
+        raise bad
+    if not 0 < int(port) < 65536:
+        raise bad
+    return address, int(port)
+
+
+def positive_seconds(value, key: str, name: str) -> float:
+    """A timeout setting: a positive number of seconds, or a duration like "5m"."""
+    seconds = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            seconds = float(mngr.parse_duration(value))
+        except mngr.MngrError:
+            seconds = None
+    if seconds is None or not seconds > 0 or seconds == float("inf"):
+        raise mngr.ConfigError(f"settings [providers.{name}]: {key} must be a positive number of seconds, "
+                               f"not {value!r}", f"like {key} = 300 or {key} = \"5m\"")
+    return seconds
+
+
+class HostKeyChangedError(mngr.RefusedError):
+    """An instance offered a host key other than the one pinned for it."""
+
+
+@dataclass(frozen=True)
+class InstanceMachine(Machine):
+    """A machine that is an EC2 instance: its host key is pinned under its instance id."""
+
+    instance_id: str = ""
+    fresh: str = ""         # set: a control master of its own, so its key is checked now
+
+
+class InstanceSsh(Ssh):
+    """ssh to instances: the host key is looked up and learnt under the instance id
+    (HostKeyAlias), not the address, which changes at every start. A key never seen for
+    that instance is learnt (its first contact); a different one is refused. Control
+    masters are per instance and address, so none is shared between instances."""
+
+    def argv(self, machine, remote, tty=False, accept_new=False):
+        argv = super().argv(machine, remote, tty, accept_new)
+        alias = getattr(machine, "instance_id", "")
+        if not alias:
+            return argv
+        # ssh takes the first value given for an option: these go before mngr's usual ones
+        pinned = ["-o", f"HostKeyAlias={alias}", "-o", "StrictHostKeyChecking=accept-new"]
+        shared = next((o for o in argv if o.startswith("ControlPath=")), "")
+        if shared:
+            digest = hashlib.sha256(f"{alias} {machine.user}@{machine.address}:{machine.port} "
+                                    f"{getattr(machine, 'fresh', '')}".encode()).hexdigest()[:32]
+            pinned += ["-o", f"ControlPath={shared[len('ControlPath='):].rsplit('/', 1)[0]}/{digest}"]
+        return argv[:1] + pinned + argv[1:]
+
+    def failure(self, machine, stderr: str) -> mngr.MngrError:
+        alias = getattr(machine, "instance_id", "")
+        if alias and ("REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr
+                      or "Host key verification failed" in stderr):
+            return HostKeyChangedError(
+                f"the host key of {machine.name}'s instance {alias} ({machine.where}) is not the one "
+                "mngr pinned when it first reached it: refusing to connect",
+                f"if the instance's host keys were replaced on purpose, delete the line for {alias} "
+                f"from {machine.known_hosts}; otherwise treat the instance as compromised")
+        return super().failure(machine, stderr)
 
 
 def tags_of(item) -> dict:
@@ -61,12 +176,18 @@ class AwsProvider(SshProvider):
         if unknown:
             raise mngr.ConfigError(f"settings [providers.{name}]: unknown key {sorted(unknown)[0]!r}",
                                    "known: " + ", ".join(sorted(CONF_KEYS - {"backend"})))
+        groups = conf.get("security_group_ids", [])
+        if not isinstance(groups, list) or not all(isinstance(g, str) and g.strip() for g in groups):
+            raise mngr.ConfigError(f"settings [providers.{name}]: security_group_ids must be a list "
+                                   f"of strings, not {groups!r}", 'like security_group_ids = ["sg-0123"]')
+        self.address_override = parse_address_override(conf.get("address_override"), name)
+        self.ready_timeout = positive_seconds(conf.get("ready_timeout", 300), "ready_timeout", name)
         super().__init__(name, conf, ctx)
+        self.ssh = InstanceSsh(ctx, self.ssh.connect_timeout, self.ssh.timeout)
         self.region = str(conf.get("region") or ctx.env.get("AWS_REGION")
                           or ctx.env.get("AWS_DEFAULT_REGION") or "us-east-1")
         self.profile = str(conf.get("profile") or "")
         self.endpoint = str(conf.get("endpoint_url") or "")
-        self.ready_timeout = float(conf.get("ready_timeout", 300))
         self.calls = 0
 
     def machines(self) -> dict:
@@ -76,7 +197,8 @@ class AwsProvider(SshProvider):
 
     def aws(self, *args, timeout=None):
         """One `aws ec2` call, as JSON. Throttling and an endpoint that does not answer
-        are retried with backoff, then exit 75; refused credentials and quotas say so."""
+        are retried with bounded exponential backoff and jitter, then exit 75; refused
+        credentials and quotas say so."""
         argv = ["aws", "--output", "json", "--region", self.region, "--cli-connect-timeout", "10"]
         if self.profile:
             argv += ["--profile", self.profile]
@@ -87,7 +209,7 @@ class AwsProvider(SshProvider):
         tail = ""
         for attempt in range(RETRIES):
             if attempt:
-                time.sleep(0.5 * 2 ** (attempt - 1))
+                time.sleep(backoff_delay(attempt))
             self.calls += 1
             try:
                 result = mngr.run(argv, check=False, env=env, timeout=timeout or self.ssh.timeout,
@@ -137,7 +259,7 @@ class AwsProvider(SshProvider):
                 continue  # another controller's, on the same account
             host_id = tags_of(inst).get(f"{TAG}:host-id", "")
             if host_id in latest:  # two live instances for one host: the older one is a stray
-                older, latest[host_id] = sorted([latest[host_id], inst], key=lambda i: i.get("LaunchTime", ""))
+                older, latest[host_id] = sorted([latest[host_id], inst], key=_newest_live)
                 extra.append(older)
             else:
                 latest[host_id] = inst
@@ -170,33 +292,55 @@ class AwsProvider(SshProvider):
         launched = _epoch(inst.get("LaunchTime"))
         facts = {"exists": status not in ("shutting-down", "terminated"), "running": status == "running",
                  "status": status, "id": inst["InstanceId"], "reachable": True,
-                 "started": launched if status == "running" else None,
-                 "created": record.created_at if record else launched}
+                 "started": launched if status == "running" else None, "launched": launched,
+                 "created": record.created_at if record else launched,
+                 "status_seen": self._status_seen(store, inst["InstanceId"], status)}
         if status == "running" and record is not None:
             facts["machine"] = self._machine(record, inst, store)
         return facts
 
-    def _machine(self, record, inst, store, fresh_key: bool = False) -> Machine:
+    def _status_seen(self, store, instance_id: str, status: str):
+        """When mngr first saw this instance in this EC2 state (kept in the host's record
+        dir, on the controller); None when it cannot tell."""
+        if store is None:
+            return None
+        path = store.host_dir.root / STATUS_FILE
+        try:
+            seen = json.loads(path.read_text())
+            if seen.get("instance") == instance_id and seen.get("status") == status:
+                return float(seen["since"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+        now = time.time()
+        try:
+            mngr.atomic_write(path, json.dumps({"instance": instance_id, "status": status,
+                                                "since": now}).encode(), mode=0o600)
+        except OSError as exc:
+            mngr.warn(f"could not note the EC2 state of {instance_id} in {path}: {exc}")
+        return now
+
+    def _machine(self, record, inst, store) -> Machine:
         """How to reach a host's instance: the address override, else its public or
-        private address; its own known_hosts file, learnt on first contact."""
-        override = str(self.conf.get("address_override") or "")
-        if override:
-            address, _, port = override.rpartition(":") if ":" in override else (override, "", "22")
+        private address; its host key pinned under its instance id in the host's own
+        known_hosts file."""
+        if self.address_override:
+            address, port = self.address_override
         else:
-            address, port = inst.get("PublicIpAddress") or inst.get("PrivateIpAddress") or "", "22"
+            address, port = inst.get("PublicIpAddress") or inst.get("PrivateIpAddress") or "", 22
         if not address:
             raise mngr.UnreachableError(f"instance {inst['InstanceId']} of {record.name} has no address yet",
                                         "wait for it, or set address_override")
         def setting(key, default):  # "{host}" in a setting is the host's name
             return str(self.conf.get(key) or default).replace("{host}", record.name)
-        return Machine(name=record.name, address=address, port=int(port),
+        return InstanceMachine(name=record.name, address=address, port=int(port),
                        user=setting("ssh_user", "admin"), identity=self._identity(record.id),
                        tmux_socket=setting("tmux_socket", mngr.DEFAULT_ROOT_NAME),
                        host_dir=setting("host_dir", "~/.mngr-host"),
                        work_root=setting("work_root", "~/mngr-work"),
                        allow_shutdown=True, shutdown_command=setting("shutdown_command", ""),
                        proxy_jump=str(self.conf.get("ssh_proxy_jump") or ""), source="aws",
-                       known_hosts=str(store.host_dir.root / "known_hosts"))
+                       known_hosts=str(store.host_dir.root / "known_hosts"),
+                       instance_id=inst["InstanceId"])
 
     def _known_machine(self, host):
         return host.facts.get("machine")
@@ -216,13 +360,16 @@ class AwsProvider(SshProvider):
         return machine
 
     def observe(self, host, now: float) -> mngr.Observation:
+        """EC2's pending and stopping are starting and stopping, dated from the instance's
+        launch or from when mngr first saw them, not from the signed record's date: a host
+        started after a week stopped is not a week into starting."""
         obs = super().observe(host, now)
         status = host.facts.get("status")
-        if obs.state != "failed" and status == "pending":
-            obs = replace(obs, state="starting")
-        elif obs.state != "failed" and status == "stopping":
-            obs = replace(obs, state="stopping")
-        return obs
+        if obs.state == "failed" or status not in ("pending", "stopping"):
+            return obs
+        since = transition_since(status, host.facts.get("launched"), host.facts.get("status_seen"),
+                                 host.record.lifecycle.since if host.record else None, now)
+        return replace(obs, state="starting" if status == "pending" else "stopping", state_since=since)
 
     # Keys -----------------------------------------------------------------------------
 
@@ -256,7 +403,11 @@ class AwsProvider(SshProvider):
         try:
             self.aws("delete-key-pair", "--key-name", f"mngr-{host_id}")
         except mngr.MngrError as exc:
-            mngr.warn(f"could not delete key pair mngr-{host_id}: {exc.line()}")
+            if "InvalidKeyPair.NotFound" not in exc.line():  # still in AWS: keep its private key
+                mngr.warn(f"could not delete key pair mngr-{host_id}: {exc.line()}; its private key "
+                          f"stays at {self._key_path(host_id)} (delete both by hand: aws ec2 "
+                          f"delete-key-pair --key-name mngr-{host_id})")
+                return
         for suffix in ("", ".pub"):
             try:
                 os.unlink(f"{self._key_path(host_id)}{suffix}")
@@ -346,21 +497,35 @@ class AwsProvider(SshProvider):
             argv += ["--security-group-ids", *[str(g) for g in groups]]
         if self.conf.get("subnet_id"):
             argv += ["--subnet-id", str(self.conf["subnet_id"])]
-        return self.aws(*argv, timeout=120)["Instances"][0]["InstanceId"]
+        instances = self.aws(*argv, timeout=120).get("Instances") or []
+        if not instances or not instances[0].get("InstanceId"):
+            raise mngr.CommandFailedError(f"aws ec2 run-instances returned no instance for {record.name}",
+                                          f"look for instances tagged mngr:host-id={record.id}")
+        return instances[0]["InstanceId"]
 
     def _ready(self, record, instance_id: str, store) -> Machine:
-        """Wait (bounded) for the instance to run and answer ssh; learn its host key on
-        this first contact. Progress on stderr when it is a terminal."""
+        """Wait (bounded) for the instance to run and answer ssh; its host key is learnt on
+        its first contact, and checked against the pinned one at every later start.
+        Progress on stderr when it is a terminal."""
         deadline = time.monotonic() + self.ready_timeout
         shown = ""
         while True:
             try:
-                inst = self._describe(instance_id)[0]
+                found = self._describe(instance_id)
             except mngr.CommandFailedError as exc:  # a new instance may not be visible at once
                 if "InvalidInstanceID.NotFound" not in exc.message or time.monotonic() > deadline:
                     raise
                 time.sleep(2)
                 continue
+            if not found:  # nor listed, at first
+                if time.monotonic() > deadline:
+                    raise mngr.CommandFailedError(
+                        f"instance {instance_id} of {record.name} is not in aws ec2 describe-instances "
+                        f"after {self.ready_timeout:g}s", f"see aws ec2 describe-instances --instance-ids "
+                        f"{instance_id}; a slow region may need a larger ready_timeout")
+                time.sleep(2)
+                continue
+            inst = found[0]
             status = inst["State"]["Name"]
             if status != shown and sys.stderr.isatty():
                 print(f"mngr: {instance_id}: {status}", file=sys.stderr)
@@ -372,11 +537,13 @@ class AwsProvider(SshProvider):
                                               f"see aws ec2 describe-instances --instance-ids {instance_id}")
             time.sleep(2)
         machine = self._machine(record, inst, store)
-        (store.host_dir.root / "known_hosts").unlink(missing_ok=True)  # a new instance, a new key
+        fresh = replace(machine, fresh=os.urandom(6).hex())
         while True:
-            try:
-                self.ssh.run(machine, "true", accept_new=True, timeout=self.ssh.connect_timeout + 10)
+            try:  # a new connection, so the key is checked now, not an old master's reused
+                self.ssh.run(fresh, "true", timeout=self.ssh.connect_timeout + 10)
                 return machine
+            except HostKeyChangedError:
+                raise
             except (mngr.UnreachableError, mngr.RefusedError):
                 if time.monotonic() > deadline:
                     raise
@@ -450,20 +617,64 @@ class AwsProvider(SshProvider):
             return instance_id
         return self._boot(view, store, record, start)
 
-    def _boot(self, view, store, record, launch):
+    def _boot(self, view, store, record, launch, replacing: str = ""):
         """starting -> running: launch (returns the instance id), wait until it answers, send
-        the records and start the agent; failed if any of it fails."""
+        the records and start the agent. If any of it fails the instance is not left
+        running: stopped, and the host failed; or, when it was a new instance replacing
+        the instance `replacing`, terminated, and the host stopped on its old instance."""
+        instance_id = ""
         try:
             instance_id = launch()
             machine = self._ready(record, instance_id, store)
             running = self._set_state(store, record, "running", write=False)
             self._deploy(machine, store, start=[view.record.id], records=[running], new_host=True)
-        except BaseException:
-            self._set_state(store, store.read_host()[0], "failed")
+        except BaseException as exc:
+            self._failed_boot(store, instance_id, replacing, exc)
             raise
         self.ctx.state_changed(record, running, self.name)
         return self._fresh_view(running, view.record, {"id": instance_id, "status": "running",
                                                        "machine": machine, "reachable": True})
+
+    def _failed_boot(self, store, instance_id: str, replacing: str, exc: BaseException) -> None:
+        if instance_id:
+            action = "terminate-instances" if replacing else "stop-instances"
+            try:
+                self.aws(action, "--instance-ids", instance_id)
+            except mngr.MngrError as cleanup:
+                mngr.warn(f"could not {action.split('-')[0]} {instance_id}: {cleanup.line()}")
+        if replacing:
+            self._set_state(store, store.read_host()[0], "stopped")
+            if isinstance(exc, mngr.MngrError):
+                exc.hint = (f"{exc.hint}; " if exc.hint else "") + (
+                    f"the host keeps its old instance {replacing}, stopped: mngr start AGENT starts it")
+        else:
+            self._set_state(store, store.read_host()[0], "failed")
+
+    def _stop_instance(self, instance_id: str, force: bool, status: str = "") -> None:
+        """stop-instances. EC2 refuses to stop a pending instance: wait (bounded) for it to
+        run, then stop it; still pending after that is a clear error, and mngr enforce
+        tries again on its next run. Never terminated instead: its disk holds the work."""
+        waited = min(self.ready_timeout, PENDING_WAIT)
+        deadline = time.monotonic() + waited
+        while True:
+            if status != "pending":
+                try:
+                    self.aws("stop-instances", "--instance-ids", instance_id, *(["--force"] if force else []))
+                    return
+                except mngr.CommandFailedError as exc:
+                    if "IncorrectInstanceState" not in exc.message:
+                        raise
+            if time.monotonic() >= deadline:
+                raise mngr.CommandFailedError(
+                    f"instance {instance_id} is still {status or 'not stoppable'} after {waited:g}s: "
+                    "EC2 stops an instance only once it runs",
+                    "mngr enforce tries again on its next run; see aws ec2 describe-instances "
+                    f"--instance-ids {instance_id}")
+            time.sleep(2)
+            found = self._describe(instance_id)
+            status = found[0]["State"]["Name"] if found else "terminated"
+            if status in ("stopped", "shutting-down", "terminated"):
+                return
 
     def stop_agent(self, view, snapshot_mode: str = "auto") -> None:
         others = [a for a in view.host.agents if a.record.id != view.record.id and a.state == "running"]
@@ -479,8 +690,9 @@ class AwsProvider(SshProvider):
         """Stop hooks over ssh when it answers (best effort), then the EC2 API stops the
         instance, which nothing inside it can refuse."""
         instance_id = self._instance(host)
+        status = host.facts.get("status", "")
         if host.record is None:
-            self.aws("stop-instances", "--instance-ids", instance_id, *(["--force"] if kill_all else []))
+            self._stop_instance(instance_id, kill_all, status)
             return
         store = self.store(host.record.id)
         record, _ = store.read_host()
@@ -493,7 +705,7 @@ class AwsProvider(SshProvider):
                              timeout=mngr.HOOK_TIMEOUT + 30)
             except mngr.MngrError as exc:
                 mngr.warn(f"stop hooks on {host.name} did not run: {exc.line()}")
-        self.aws("stop-instances", "--instance-ids", instance_id, *(["--force"] if kill_all else []))
+        self._stop_instance(instance_id, kill_all, status)
         if record.lifecycle.state != "failed":
             self._set_state(store, record, "stopped")
 
@@ -502,7 +714,7 @@ class AwsProvider(SshProvider):
         store = self.store(host.record.id)
         record, _ = store.read_host()
         if host.facts.get("exists") and host.facts.get("status") != "stopped":
-            self.aws("stop-instances", "--instance-ids", host.facts["id"], "--force")
+            self._stop_instance(host.facts["id"], True, host.facts.get("status", ""))
         self._set_state(store, record, "failed")
 
     @one_at_a_time
@@ -572,19 +784,36 @@ class AwsProvider(SshProvider):
 
     @one_at_a_time
     def start_from_snapshot(self, view, snapshot_id: str):
-        """A new instance from the image, under the same host id; the old one goes."""
+        """A new instance from the image, under the same host id. The old one is kept,
+        stopped, until the new one runs and the record says so; only then terminated."""
         image = self._snapshot_image(snapshot_id)["ImageId"]
         host = view.host
         store = self.store(host.record.id)
-        if host.facts.get("exists"):
-            self.aws("terminate-instances", "--instance-ids", host.facts["id"])
+        old = host.facts["id"] if host.facts.get("exists") else ""
+        if old and host.facts.get("status") in ("pending", "running"):
+            self._stop_instance(old, False, host.facts["status"])   # one instance of a host runs
         record, _ = store.read_host()
         record = self._set_state(store, self._now_stopped(store, record), "starting")
-        return self._boot(view, store, record,
-                          lambda: self._run_instance(record, image, self._key_name(record.id)))
+        started = self._boot(view, store, record,
+                             lambda: self._run_instance(record, image, self._key_name(record.id)),
+                             replacing=old)
+        if old:
+            try:
+                self.aws("terminate-instances", "--instance-ids", old)
+            except mngr.MngrError as exc:
+                mngr.warn(f"the old instance {old} of {record.name} is still there, stopped "
+                          f"(terminate it by hand: aws ec2 terminate-instances --instance-ids {old}): "
+                          f"{exc.line()}")
+        return started
 
     def _key_name(self, host_id: str) -> str:
         return str(self.conf["key_name"]) if self.conf.get("key_name") else f"mngr-{host_id}"
+
+
+def _newest_live(inst) -> tuple:
+    """Sort key among one host's instances: the newest launch wins, but never one
+    shutting down over one that is not."""
+    return inst.get("State", {}).get("Name") != "shutting-down", inst.get("LaunchTime", "")
 
 
 def _epoch(text):

@@ -351,3 +351,289 @@ def test_an_agent_of_a_stopped_instance_can_be_destroyed(cloud):
     assert sorted(cloud.agents()) == ["one"]
     cloud.cli.ok("start", "one")
     assert cloud.agents()["one"]["state"] == "running" and cloud.agents()["one"]["verified"] is True
+
+
+# Doctored EC2 answers ##########################################################
+# The emulator runs every instance at once and never refuses a stop. What real EC2
+# also does (pending, stopping, refusing to stop a pending instance, an empty answer,
+# a refused key pair delete) is made by an `aws` first on PATH that runs the real one
+# and rewrites its answer by the rules in a JSON file the test writes.
+
+DOCTOR = r'''
+import json, subprocess, sys
+argv = sys.argv[1:]
+rules = json.load(open(RULES)) if __import__("os").path.exists(RULES) else {}
+op = next((a for a in argv if a in OPS), "")
+ids = argv[argv.index("--instance-ids") + 1:] if "--instance-ids" in argv else []
+target = rules.get("instance", "")
+if op == "describe-instances" and ids and rules.get("flip_after_describe"):
+    rules["status"] = rules.pop("flip_after_describe")
+    json.dump(rules, open(RULES, "w"))
+if op == "stop-instances" and target in ids and rules.get("status") == "pending":
+    sys.stderr.write("An error occurred (IncorrectInstanceState) when calling the StopInstances operation: "
+                     f"The instance '{target}' is not in a state from which it can be stopped.\n")
+    sys.exit(254)
+if op == "delete-key-pair" and rules.get("refuse_key_pair_delete"):
+    sys.stderr.write("An error occurred (UnauthorizedOperation) when calling the DeleteKeyPair operation: "
+                     "You are not authorized to perform this operation.\n")
+    sys.exit(254)
+if op == "describe-instances" and ids and rules.get("describe_by_id_empty"):
+    print(json.dumps({"Reservations": []}))
+    sys.exit(0)
+proc = subprocess.run([REAL, *argv], capture_output=True, text=True)
+out = proc.stdout
+if proc.returncode == 0 and op == "describe-instances" and target and rules.get("status"):
+    data = json.loads(out)
+    for reservation in data.get("Reservations") or []:
+        for inst in reservation.get("Instances") or []:
+            if inst["InstanceId"] == target:
+                inst["State"]["Name"] = rules["status"]
+                if rules.get("launch_time"):
+                    inst["LaunchTime"] = rules["launch_time"]
+    out = json.dumps(data)
+sys.stdout.write(out)
+sys.stderr.write(proc.stderr)
+sys.exit(proc.returncode)
+'''
+
+
+def doctored_aws(cloud):
+    """(env putting the doctored aws first on PATH, function to set its rules)."""
+    bin_dir = cloud.root / "doctor-bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    rules = cloud.root / "doctor-rules.json"
+    ops = ["describe-instances", "stop-instances", "delete-key-pair"]
+    (bin_dir / "aws").write_text(f"#!{sys.executable}\nRULES = {str(rules)!r}\nREAL = {shutil.which('aws')!r}\n"
+                                 f"OPS = {ops!r}\n" + DOCTOR)
+    (bin_dir / "aws").chmod(0o755)
+
+    def set_rules(**values):
+        rules.write_text(json.dumps(values))
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}, set_rules
+
+
+def iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(epoch))
+
+
+def rewrite_record(cloud, host_id: str, state: str, since: float):
+    """The controller's signed host record, now saying `state` since `since` (as a mngr
+    that died mid-way, or long ago, left it)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import mngr
+
+    store = mngr.Store(mngr.HostDir(cloud.cli.home / ".mngr" / "hosts" / host_id),
+                       mngr.load_keyring(dict(cloud.cli.env)),
+                       mngr.VersionCache(cloud.cli.home / ".mngr" / "versions.json"))
+    record, _ = store.read_host()
+    store.write_host(mngr.dataclasses.replace(record, lifecycle=mngr.Lifecycle(state, since),
+                                              version=store.next_version(record.id, record.version)))
+    store.versions.save()
+    return store
+
+
+def enforced(cloud, env, name: str):
+    result = cloud.cli("enforce", "--json", env=env)
+    assert "Traceback" not in result.err, result.err
+    return result, {r["host"]: r for r in json.loads(result.out)}[name]
+
+
+def test_ec2_transitional_states_are_dated_from_launch_or_first_sight(cloud):
+    row = json.loads(cloud.cli.ok("create", "fresh", "--in", PROVIDER, "--agent-cmd", "sleep 600",
+                                  "--no-connect", "--json").out)
+    instance = cloud.instance_of(row["host_id"])["InstanceId"]
+    env, set_rules = doctored_aws(cloud)
+    long_ago = time.time() - 7200
+    # stopped two hours ago, started from the console a moment ago: pending since its launch
+    rewrite_record(cloud, row["host_id"], "stopped", long_ago)
+    set_rules(instance=instance, status="pending", launch_time=iso(time.time()))
+    _, found = enforced(cloud, env, "fresh")
+    assert found["state"] == "starting" and found["action"] == "none", found
+    # running for two hours, its watcher shut it down: stopping since mngr first saw it
+    rewrite_record(cloud, row["host_id"], "running", long_ago)
+    set_rules(instance=instance, status="stopping")
+    _, found = enforced(cloud, env, "fresh")
+    assert found["state"] == "stopping" and found["action"] == "none", found
+    assert cloud.instance_of(row["host_id"])["State"]["Name"] == "running"   # nothing was forced
+
+
+def test_transition_since_prefers_fresh_evidence_over_a_stale_record():
+    from providers.aws import transition_since
+
+    now = 10_000.0
+    assert transition_since("pending", 9_990.0, 9_995.0, 100.0, now) == 9_990.0     # its launch
+    assert transition_since("pending", 50.0, 9_995.0, 100.0, now) == 9_995.0        # stale LaunchTime
+    assert transition_since("pending", None, None, 100.0, now) == now
+    assert transition_since("stopping", 50.0, 9_000.0, 100.0, now) == 9_000.0       # first seen
+    assert transition_since("stopping", None, None, None, now) == now
+    assert transition_since("stopping", None, 20_000.0, None, now) == now           # never later than now
+
+
+def make_stuck_pending(cloud, name: str):
+    """A host whose mngr start died two hours ago, its instance still pending since."""
+    row = json.loads(cloud.cli.ok("create", name, "--in", PROVIDER, "--agent-cmd", "sleep 600",
+                                  "--no-connect", "--json").out)
+    instance = cloud.instance_of(row["host_id"])["InstanceId"]
+    long_ago = time.time() - 7200
+    rewrite_record(cloud, row["host_id"], "starting", long_ago)
+    return row, instance, iso(long_ago + 1)
+
+
+def test_a_stuck_pending_instance_is_stopped_once_it_runs(cloud):
+    row, instance, launched = make_stuck_pending(cloud, "late")
+    env, set_rules = doctored_aws(cloud)
+    set_rules(instance=instance, status="pending", launch_time=launched, flip_after_describe="running")
+    result, found = enforced(cloud, env, "late")
+    assert found["action"] == "mark_failed" and found["result"] == "done", result.out + result.err
+    assert cloud.instance_of(row["host_id"])["State"]["Name"] == "stopped"
+    assert cloud.agents()["late"]["host_state"] == "failed"
+
+
+def test_a_stuck_pending_instance_that_stays_pending_is_a_clear_error(cloud):
+    cloud.write(ready_timeout=2)
+    row, instance, launched = make_stuck_pending(cloud, "never")
+    env, set_rules = doctored_aws(cloud)
+    set_rules(instance=instance, status="pending", launch_time=launched)
+    result, found = enforced(cloud, env, "never")
+    assert result.code == 1 and found["action"] == "mark_failed" and found["result"] == "error", result.out
+    assert f"instance {instance} is still pending" in found["error"], found
+    assert "tries again on its next run" in found["error"]
+    assert cloud.instance_of(row["host_id"])["State"]["Name"] == "running"   # never terminated
+    # not marked failed while it may still run: the next enforce tries again
+    assert cloud.agents()["never"]["host_state"] == "starting"
+
+
+def test_a_changed_host_key_after_a_restart_is_refused(cloud):
+    row = json.loads(cloud.cli.ok("create", "keyed", "--in", PROVIDER, "--agent-cmd", "sleep 600",
+                                  "--no-connect", "--json").out)
+    instance = cloud.instance_of(row["host_id"])["InstanceId"]
+    known = cloud.cli.home / ".mngr" / "hosts" / row["host_id"] / "known_hosts"
+    pinned = subprocess.run(["ssh-keygen", "-F", instance, "-f", str(known)], capture_output=True, text=True)
+    lines = [line.split() for line in pinned.stdout.splitlines() if line.strip() and not line.startswith("#")]
+    assert lines and len(lines) == len(known.read_text().splitlines())    # pinned under the instance id
+    cloud.cli.ok("stop", "keyed")
+    cloud.cli.ok("start", "keyed")              # the same key again: a restart is no new contact
+    assert cloud.agents()["keyed"]["state"] == "running"
+    cloud.cli.ok("stop", "keyed")
+    other = cloud.root / "other-host-key"
+    replaced = []
+    for alias, kind, _ in lines:                # the instance now offers other keys
+        other.unlink(missing_ok=True)
+        Path(f"{other}.pub").unlink(missing_ok=True)
+        key_type = {"ssh-ed25519": "ed25519", "ssh-rsa": "rsa"}.get(kind, "ecdsa")
+        subprocess.run(["ssh-keygen", "-q", "-t", key_type, "-N", "", "-f", str(other)], check=True)
+        new_kind, blob = Path(f"{other}.pub").read_text().split()[:2]
+        replaced.append(f"{instance} {new_kind} {blob}\n")
+    known.write_text("".join(replaced))
+    result = cloud.cli("start", "keyed")
+    assert result.code == 1 and "Traceback" not in result.err, result.err
+    assert f"host key of keyed's instance {instance}" in result.err and "refusing" in result.err
+    assert cloud.instance_of(row["host_id"])["State"]["Name"] == "stopped"   # not left running
+
+
+def test_a_failed_start_from_snapshot_keeps_the_old_instance(cloud):
+    row = json.loads(cloud.cli.ok("create", "keep", "--in", PROVIDER, "--agent-cmd", "sleep 600",
+                                  "--no-connect", "--json").out)
+    first = cloud.instance_of(row["host_id"])["InstanceId"]
+    made = json.loads(cloud.cli.ok("snapshot", "create", "keep", "--json").out)
+    made = made[0] if isinstance(made, list) else made
+    cloud.cli.ok("stop", "keep")
+    good = cloud.extra["address_override"] if "address_override" in cloud.extra else \
+        f"{cloud.sshd.address}:{cloud.sshd.port}"
+    cloud.write(address_override=f"127.0.0.1:{free_port()}", ready_timeout=3)   # the new one never answers
+    result = cloud.cli("start", "keep", "--snapshot", made["id"])
+    assert result.code != 0 and "Traceback" not in result.err, result.err
+    assert f"keeps its old instance {first}" in result.err, result.err
+    states = {i["InstanceId"]: i["State"]["Name"] for i in cloud.emulator.instances(
+        f"Name=tag:mngr:host-id,Values={row['host_id']}")}
+    assert states.pop(first) == "stopped"                  # the old one: kept
+    assert list(states.values()) == ["terminated"]          # the new one: gone
+    assert cloud.agents()["keep"]["host_state"] == "stopped"
+    cloud.write(address_override=good, ready_timeout=20)
+    cloud.cli.ok("start", "keep")
+    assert cloud.emulator.instances(f"Name=instance-id,Values={first}")[0]["State"]["Name"] == "running"
+    assert cloud.agents()["keep"]["state"] == "running"
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('security_group_ids = "sg-1"', "security_group_ids must be a list of strings"),
+    ('security_group_ids = ["sg-1", 2]', "security_group_ids must be a list of strings"),
+    ('address_override = "127.0.0.1:notaport"', "bad address_override '127.0.0.1:notaport'"),
+    ('address_override = "127.0.0.1:70000"', "bad address_override '127.0.0.1:70000'"),
+    ('address_override = "127.0.0.1:"', "bad address_override '127.0.0.1:'"),
+    ('ready_timeout = 0', "ready_timeout must be a positive number of seconds, not 0"),
+    ('ready_timeout = -5', "ready_timeout must be a positive number of seconds, not -5"),
+    ('ready_timeout = "soon"', "ready_timeout must be a positive number of seconds, not 'soon'"),
+])
+def test_bad_settings_are_one_clear_line(mngr_cli, line, expected):
+    config = mngr_cli.home / ".config" / "mngr"
+    config.mkdir(parents=True, exist_ok=True)
+    (config / "settings.toml").write_text(f'[providers.{PROVIDER}]\nbackend = "aws"\nami = "ami-1"\n{line}\n')
+    result = mngr_cli("list")
+    lines = result.err.strip().splitlines()
+    assert result.code == 1 and len(lines) == 1, result.err
+    assert lines[0].startswith(f"mngr: error: settings [providers.{PROVIDER}]: {expected}"), result.err
+
+
+def test_good_address_overrides_and_timeouts_are_taken():
+    from providers.aws import parse_address_override, positive_seconds
+
+    assert parse_address_override("10.0.0.5", "p") == ("10.0.0.5", 22)
+    assert parse_address_override("host.example:2222", "p") == ("host.example", 2222)
+    assert parse_address_override("[::1]:2200", "p") == ("::1", 2200)
+    assert parse_address_override("fe80::1", "p") == ("fe80::1", 22)
+    assert positive_seconds("5m", "ready_timeout", "p") == 300 and positive_seconds(2.5, "t", "p") == 2.5
+
+
+def test_an_empty_describe_answer_while_waiting_is_a_clear_error(cloud):
+    env, set_rules = doctored_aws(cloud)
+    set_rules(describe_by_id_empty=True)
+    cloud.write(ready_timeout=3)
+    result = cloud.cli("create", "ghost", "--in", PROVIDER, "--agent-cmd", "sleep 600", "--no-connect", env=env)
+    assert result.code == 1 and "Traceback" not in result.err and "internal error" not in result.err, result.err
+    assert "is not in aws ec2 describe-instances" in result.err, result.err
+    assert [i["State"]["Name"] for i in cloud.emulator.instances()] == ["terminated"]
+
+
+def test_a_refused_key_pair_delete_keeps_the_private_key(cloud):
+    row = json.loads(cloud.cli.ok("create", "pair", "--in", PROVIDER, "--agent-cmd", "sleep 600",
+                                  "--no-connect", "--json").out)
+    env, set_rules = doctored_aws(cloud)
+    set_rules(refuse_key_pair_delete=True)
+    result = cloud.cli("destroy", "-f", "pair", env=env)
+    assert result.code == 0 and "could not delete key pair" in result.err, result.err
+    key = cloud.cli.home / ".ssh" / "mngr" / row["host_id"]
+    assert key.exists() and Path(f"{key}.pub").exists()    # the pair is still in AWS: so is its key
+    assert f"mngr-{row['host_id']}" in [p["KeyName"] for p in cloud.emulator.ec2("describe-key-pairs")["KeyPairs"]]
+
+
+def test_backoff_is_bounded_exponential_with_jitter():
+    from providers.aws import BACKOFF_CAP, backoff_delay
+
+    ceilings = [backoff_delay(attempt, lambda: 1.0) for attempt in range(1, 12)]
+    assert ceilings[:4] == [1.0, 2.0, 4.0, 8.0] and max(ceilings) == BACKOFF_CAP
+    assert all(backoff_delay(attempt, lambda: 0.0) == 0.0 for attempt in range(1, 12))
+    import random
+
+    draws = {backoff_delay(3, random.Random(seed).random) for seed in range(20)}
+    assert len(draws) > 10 and all(0 <= d <= 4.0 for d in draws)
+
+
+def test_throttling_is_retried_with_backoff_then_succeeds(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import mngr
+    from providers import aws
+
+    ctx = mngr.Context(None, env={"HOME": str(tmp_path)}, settings={})
+    provider = aws.AwsProvider(PROVIDER, {"backend": "aws", "region": "us-east-1"}, ctx)
+    answers = [subprocess.CompletedProcess([], 254, "", "An error occurred (RequestLimitExceeded) "
+                                                        "when calling the DescribeInstances operation")] * 4
+    answers.append(subprocess.CompletedProcess([], 0, '{"Reservations": []}', ""))
+    slept = []
+    monkeypatch.setattr(mngr, "run", lambda *a, **k: answers.pop(0))
+    monkeypatch.setattr(aws.time, "sleep", slept.append)
+    monkeypatch.setattr(aws.random, "random", lambda: 0.5)
+    assert provider.aws("describe-instances") == {"Reservations": []}
+    assert slept == [0.5, 1.0, 2.0, 4.0] and provider.calls == 5
+
+
