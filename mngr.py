@@ -4016,6 +4016,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("mngr: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug of mngr's: one line, the traceback only with -v
+        if _VERBOSITY[0] > 0:
+            import traceback
+            traceback.print_exc()
+        print(f"mngr: internal error: {type(exc).__name__}: {exc} (run again with -v, and "
+              "report it)", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def report_error(exc: MngrError) -> int:
