@@ -984,8 +984,9 @@ class Tmux:
         if result.returncode != 0:
             if "no server running" in result.stderr or "error connecting" in result.stderr:
                 return {}
-            raise CommandFailedError(f"tmux list-panes failed: {result.stderr.strip()}",
-                                     detail=result.stderr)
+            if "no current target" not in result.stderr:  # that: its last session just ended
+                raise CommandFailedError(f"tmux list-panes failed: {result.stderr.strip()}",
+                                         detail=result.stderr)
         panes, clients = {}, {}
         for line in result.stdout.splitlines():
             parts = line.split("\t")
