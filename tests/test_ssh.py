@@ -440,15 +440,22 @@ def test_enforce_powers_off_an_idle_machine_that_allows_it(lab):
     assert host_state(lab, "m1") == "stopped"
 
 
-def test_an_untrusted_host_cannot_pass_for_unreachable(lab):
-    """Its copied-in mngr.py is the agents' to rewrite: one that exits 255 (as ssh does when
-    it cannot connect) or hangs is a host that will not report, stopped as tampered."""
+def untrusted_machine(lab):
+    """Machine "ua", whose agents run as the unprivileged test user: its home, and this
+    test's tag in the names of the dirs it gets there (removed afterwards)."""
     need(have_test_user(), f"the test user {TEST_USER} (make test adds it)")
     tag = f"{os.getpid()}-{lab.cli.socket[-6:]}"
     home = Path(f"/home/{TEST_USER}")
     lab.cleanup.append(lambda: subprocess.run(["rm", "-rf", str(home / f".mngr-host-{tag}"),
                                                str(home / f"w-{tag}")]))
     lab.add("ua", agent_user=TEST_USER, host_dir=f"~/.mngr-host-{tag}", work_root=f"~/w-{tag}")
+    return home, tag
+
+
+def test_an_untrusted_host_cannot_pass_for_unreachable(lab):
+    """Its copied-in mngr.py is the agents' to rewrite: one that exits 255 (as ssh does when
+    it cannot connect) or hangs is a host that will not report, stopped as tampered."""
+    home, tag = untrusted_machine(lab)
     lab.cli.ok("create", "liar", "--host", "ua", "--trust", "untrusted", "--agent-cmd", "sleep 600",
                "--no-connect")
     script = home / f".mngr-host-{tag}" / "bin" / "mngr.py"
@@ -473,13 +480,8 @@ HOSTILE_REPORTS = {
 def test_a_report_that_hangs_or_holds_the_channel_is_a_failed_report(lab, how):
     """An untrusted host whose report never ends is a host that failed to report
     (stopped), not one that cannot be reached (left alone)."""
-    need(have_test_user(), f"the test user {TEST_USER} (make test adds it)")
     lab.base = lab.base.replace("timeout = 20", "timeout = 12")   # reports get 12-3-5 = 4s
-    tag = f"{os.getpid()}-{lab.cli.socket[-6:]}"
-    home = Path(f"/home/{TEST_USER}")
-    lab.cleanup.append(lambda: subprocess.run(["rm", "-rf", str(home / f".mngr-host-{tag}"),
-                                               str(home / f"w-{tag}")]))
-    lab.add("ua", agent_user=TEST_USER, host_dir=f"~/.mngr-host-{tag}", work_root=f"~/w-{tag}")
+    home, tag = untrusted_machine(lab)
     lab.cli.ok("create", "stuck", "--host", "ua", "--trust", "untrusted", "--agent-cmd", "sleep 600",
                "--no-connect")
     pid_file = home / f".mngr-host-{tag}" / "watcher.pid"
